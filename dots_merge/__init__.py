@@ -1,0 +1,14 @@
+"""dots-merge: DoTS merging of SFT and RLVR fine-tunes, as a mergekit method plus the tools around it.
+
+Importing the package registers the `dots` merge method with mergekit.
+"""
+
+from dots_merge.method import register as _register
+
+__version__ = "0.1.0"
+
+_register()
+
+from dots_merge.merging import MergeResult, merge  # noqa: E402
+
+__all__ = ["MergeResult", "__version__", "merge"]

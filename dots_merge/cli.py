@@ -1,0 +1,110 @@
+"""`dots-merge`: the command line. Thin: parse arguments, call the library, report errors in one line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from dots_merge.errors import DotsMergeError
+
+EXIT_USER_ERROR = 2
+
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="merge a recipe into a model folder (streamed, bounded memory)")
+    p.add_argument("recipe", help="recipe YAML: a mergekit config (any method; `dots` for DoTS)")
+    p.add_argument("out_dir", help="output model folder (created when the merge is complete)")
+    p.add_argument("--device", default="cpu", help="where the tensor math runs: cpu (default) or cuda")
+    p.add_argument(
+        "--out-shard-size", default="5GB", metavar="SIZE", help="largest output shard, e.g. 400MB, 5GB"
+    )
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
+    p.add_argument(
+        "--allow-pickle", action="store_true", help="accept .bin/.pt pickle checkpoints (runs their code)"
+    )
+    p.add_argument("--allow-nonfinite", action="store_true", help="merge inputs that hold NaN or Inf")
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="let transformers run model code from the Hub"
+    )
+    p.add_argument("--cache-dir", default="default", help="pre-pass cache (default: ~/.cache/dots-merge)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the pre-pass cache")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_merge)
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from dots_merge.merging import merge
+
+    result = merge(
+        args.recipe,
+        args.out_dir,
+        device=args.device,
+        out_shard_size=args.out_shard_size,
+        force=args.force,
+        allow_pickle=args.allow_pickle,
+        allow_nonfinite=args.allow_nonfinite,
+        trust_remote_code=args.trust_remote_code,
+        cache_dir=None if args.no_cache else args.cache_dir,
+        quiet=args.quiet,
+    )
+    for model, factor in result.rescale_factors.items():
+        print(f"rescale factor {factor:.4f}  {model}")
+    cached = " (pre-pass from cache)" if result.prepass_cached else ""
+    print(f"merged into {result.out_dir} in {result.seconds:.1f} s{cached}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dots_merge import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="dots-merge",
+        description="Merge SFT and RLVR fine-tunes of one base model with DoTS (arXiv 2605.00610).",
+    )
+    parser.add_argument("--version", action="version", version=f"dots-merge {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_merge(sub)
+    return parser
+
+
+def run_guarded(func: Callable[[], int], *, prog: str, debug: bool) -> int:
+    """Run `func`; a user error becomes one line on stderr and exit code 2 (tracebacks only with --debug)."""
+    try:
+        return func()
+    except DotsMergeError as error:
+        if debug:
+            raise
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing was written to the output folder", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if debug:
+            raise
+        first = str(error).splitlines()[0] if str(error) else ""
+        print(
+            f"{prog}: error: {type(error).__name__}: {first} (run with --debug for a traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `dots-merge`."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s: %(message)s"
+    )
+    if not args.debug:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    return run_guarded(lambda: args.run(args), prog="dots-merge", debug=args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""Error types. Every user mistake raises a `DotsMergeError` whose message is one line that names the
+file, key or tensor at fault; the CLI prints it without a traceback and exits with code 2."""
+
+
+class DotsMergeError(Exception):
+    """A problem with the user's input that the user can fix."""
+
+
+class RecipeError(DotsMergeError):
+    """The recipe file is missing, not YAML, or not a valid recipe."""
+
+
+class ModelInputError(DotsMergeError):
+    """A model folder or checkpoint file cannot be used."""
+
+
+class NonFiniteError(ModelInputError):
+    """An input tensor holds NaN or Inf."""
+
+
+class OutputExistsError(DotsMergeError):
+    """The output folder exists and is not empty."""

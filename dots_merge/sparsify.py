@@ -1,0 +1,194 @@
+"""Pure tensor math of DoTS: task vectors, exact magnitude top-k, norms (no I/O).
+
+Everything here works on flat float32 tensors, in chunks, so that no function allocates more than
+a chunk's worth of temporaries next to the tensors it is given. Selection is exact and needs no
+sorted copy: a two-pass radix select on the bit patterns of |τ| (for non-negative floats the int32
+view is ordered like the values).
+
+Tie rule: S keeps exactly k entries — every entry with |τ| above the threshold, then the entries equal
+to it in increasing flat index until k are kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+
+CHUNK = 1 << 22  # elements per chunk: 16 MiB of float32
+_BINS = 1 << 16
+
+
+@dataclass(frozen=True)
+class TopK:
+    """Which entries of a flat tensor S keeps: `k` of `numel`, threshold as float32 bits, ties kept."""
+
+    k: int
+    numel: int
+    threshold_bits: int = 0
+    ties: int = 0
+
+    @property
+    def dense(self) -> bool:
+        return self.k >= self.numel
+
+    @property
+    def threshold(self) -> float:
+        """The smallest kept magnitude, as a Python float."""
+        return _bits_to_float(self.threshold_bits)
+
+
+def keep_count(density: float, numel: int) -> int:
+    """k = floor(density · numel), computed on the decimal value written (0.29 · 100 = 29, not 28).
+
+    A tensor whose k would be below 1 stays dense (k = numel) instead of being deleted.
+    """
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    k = math.floor(Fraction(repr(float(density))) * numel)
+    return numel if k < 1 else min(k, numel)
+
+
+def task_vector(base: torch.Tensor, tuned: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """τ = tuned − base as a new flat float32 tensor, converted chunk by chunk (no full-size temporaries)."""
+    if base.shape != tuned.shape:
+        raise ValueError(f"shape mismatch: {tuple(base.shape)} vs {tuple(tuned.shape)}")
+    b, t = base.reshape(-1), tuned.reshape(-1)
+    if out is None:
+        out = torch.empty(b.numel(), dtype=torch.float32, device=tuned.device)
+    for s in range(0, b.numel(), CHUNK):
+        e = min(s + CHUNK, b.numel())
+        o = out[s:e]
+        o.copy_(t[s:e])
+        o.sub_(b[s:e].to(device=o.device, dtype=torch.float32))
+    return out
+
+
+def is_finite(t: torch.Tensor) -> bool:
+    """True when every entry is finite (chunked; no full-size bool mask)."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[s : s + CHUNK]).all()) for s in range(0, flat.numel(), CHUNK))
+
+
+def squared_norm(t: torch.Tensor) -> float:
+    """Σ t² accumulated in float64."""
+    flat = t.reshape(-1)
+    total = 0.0
+    for s in range(0, flat.numel(), CHUNK):
+        c = flat[s : s + CHUNK].double()
+        total += float(torch.dot(c, c))
+    return total
+
+
+def _magnitude_bits(chunk: torch.Tensor) -> torch.Tensor:
+    return chunk.abs().view(torch.int32)
+
+
+def _bits_to_float(bits: int) -> float:
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0])
+
+
+def _locate(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """Bin holding the k-th largest entry, and the number of entries in higher bins."""
+    from_top = hist.flip(0).cumsum(0)
+    j = int(torch.searchsorted(from_top, torch.tensor([k], device=hist.device))[0])
+    above = int(from_top[j - 1]) if j > 0 else 0
+    return _BINS - 1 - j, above
+
+
+def select_topk(tau: torch.Tensor, k: int) -> TopK:
+    """Exact top-k of |τ| by two radix passes over the float32 bit patterns (16 high, then 16 low bits)."""
+    flat = tau.reshape(-1)
+    if flat.dtype != torch.float32:
+        raise TypeError("select_topk expects a float32 tensor")
+    n = flat.numel()
+    if k >= n:
+        return TopK(k=n, numel=n)
+    if k < 1:
+        raise ValueError("k must be at least 1")
+    hist = torch.zeros(_BINS, dtype=torch.int64, device=flat.device)
+    for s in range(0, n, CHUNK):
+        hist += torch.bincount(_magnitude_bits(flat[s : s + CHUNK]) >> 16, minlength=_BINS)
+    high, above = _locate(hist, k)
+    hist.zero_()
+    for s in range(0, n, CHUNK):
+        bits = _magnitude_bits(flat[s : s + CHUNK])
+        hist += torch.bincount(bits[(bits >> 16) == high] & 0xFFFF, minlength=_BINS)
+    low, above_low = _locate(hist, k - above)
+    greater = above + above_low
+    return TopK(k=k, numel=n, threshold_bits=(high << 16) | low, ties=k - greater)
+
+
+def apply_topk_(tau: torch.Tensor, sel: TopK) -> torch.Tensor:
+    """Zero, in place, every entry of flat `tau` that `sel` does not keep; returns `tau`."""
+    flat = tau.reshape(-1)
+    if flat.numel() != sel.numel:
+        raise ValueError(f"selection is for {sel.numel} entries, tensor has {flat.numel()}")
+    if sel.dense:
+        return tau
+    ties_left = sel.ties
+    for s in range(0, flat.numel(), CHUNK):
+        chunk = flat[s : s + CHUNK]
+        bits = _magnitude_bits(chunk)
+        keep = bits > sel.threshold_bits
+        if ties_left > 0:
+            equal = bits == sel.threshold_bits
+            n_equal = int(torch.count_nonzero(equal))
+            if n_equal <= ties_left:
+                keep |= equal
+                ties_left -= n_equal
+            else:
+                keep[equal.nonzero()[:ties_left, 0]] = True
+                ties_left = 0
+        chunk.masked_fill_(keep.logical_not_(), 0.0)
+    return tau
+
+
+def norm_ratio(squared_total: float, squared_kept: float) -> float:
+    """‖τ‖₂ / ‖S(τ)‖₂, or 1.0 when nothing was kept."""
+    if squared_kept <= 0.0:
+        return 1.0
+    return math.sqrt(squared_total / squared_kept)
+
+
+class NonFiniteTaskVector(ValueError):
+    """A task vector holds NaN or Inf."""
+
+
+@dataclass
+class SparseTaskVector:
+    """f·S(τ) for one tensor of one fine-tune, before λ; norms are float64 sums of squares."""
+
+    values: torch.Tensor
+    selection: TopK
+    squared_norm: float
+    squared_norm_kept: float
+
+
+def sparse_task_vector(
+    base: torch.Tensor,
+    tuned: torch.Tensor,
+    density: float,
+    *,
+    selection: TopK | None = None,
+    out: torch.Tensor | None = None,
+    check_finite: bool = True,
+    norms: bool = True,
+) -> SparseTaskVector:
+    """S(τ) of one tensor: τ in float32, exact top-k (or the given `selection`), zeros elsewhere.
+
+    `out` (flat float32, numel of `base`) is reused as storage when given. With `norms=False` the two
+    norms are not computed (NaN), saving two passes.
+    """
+    tau = task_vector(base, tuned, out=out)
+    if check_finite and not is_finite(tau):
+        raise NonFiniteTaskVector("task vector holds NaN or Inf")
+    if selection is None:
+        selection = select_topk(tau, keep_count(density, tau.numel()))
+    if not norms:
+        return SparseTaskVector(apply_topk_(tau, selection), selection, math.nan, math.nan)
+    total = squared_norm(tau)
+    kept = squared_norm(apply_topk_(tau, selection)) if not selection.dense else total
+    return SparseTaskVector(tau, selection, total, kept)
