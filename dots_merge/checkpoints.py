@@ -125,9 +125,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         except (KeyError, TypeError, ValueError):
             raise ModelInputError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
         if stop - start != math.prod(shape) * itemsize or start < 0:
-            raise ModelInputError(
-                f"{path}: corrupt safetensors file: tensor {name!r} has inconsistent offsets"
-            )
+            raise ModelInputError(f"{path}: corrupt safetensors file: tensor {name!r} has inconsistent offsets")
         if stop > data_size:
             raise ModelInputError(
                 f"{path}: truncated safetensors file: tensor {name!r} ends at byte {stop} of {data_size}"
@@ -135,9 +133,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         end = max(end, stop)
         tensors[name] = TensorInfo(dtype, shape, path)
     if end != data_size:
-        raise ModelInputError(
-            f"{path}: corrupt safetensors file: {data_size - end} unexpected trailing bytes"
-        )
+        raise ModelInputError(f"{path}: corrupt safetensors file: {data_size - end} unexpected trailing bytes")
     return tensors
 
 
@@ -164,9 +160,7 @@ def _weight_files(folder: Path, reference: str, allow_pickle: bool) -> tuple[lis
                 "Convert the model to safetensors, or pass --allow-pickle if you trust it"
             )
         return pickles, True
-    raise ModelInputError(
-        f"model {reference}: no model.safetensors or model.safetensors.index.json in {folder}"
-    )
+    raise ModelInputError(f"model {reference}: no model.safetensors or model.safetensors.index.json in {folder}")
 
 
 def resolve_local_path(reference: str, revision: str | None = None) -> Path:
@@ -224,9 +218,7 @@ def check_compatible(
 ) -> None:
     """Same architecture, same tensor shapes and (when `same_tensors`) no tensor missing from a fine-tune."""
     for other in others:
-        if other.architecture != base.architecture or other.config.get("model_type") != base.config.get(
-            "model_type"
-        ):
+        if other.architecture != base.architecture or other.config.get("model_type") != base.config.get("model_type"):
             raise ModelInputError(
                 f"models have different architectures: {base.reference} is {base.architecture}, "
                 f"{other.reference} is {other.architecture}"
@@ -237,9 +229,7 @@ def check_compatible(
             theirs = other.tensors.get(name)
             if theirs is None:
                 if same_tensors:
-                    raise ModelInputError(
-                        f"tensor {name!r} is in {base.reference} but missing from {other.reference}"
-                    )
+                    raise ModelInputError(f"tensor {name!r} is in {base.reference} but missing from {other.reference}")
                 continue
             if theirs.shape != info.shape and not (vocab_may_differ and theirs.shape[1:] == info.shape[1:]):
                 raise ModelInputError(
@@ -248,6 +238,4 @@ def check_compatible(
                 )
         extra = sorted(set(other.tensors) - set(base.tensors))
         if extra and same_tensors:
-            LOG.warning(
-                "%s has %d tensor(s) the base lacks, ignored: %s", other.reference, len(extra), extra[0]
-            )
+            LOG.warning("%s has %d tensor(s) the base lacks, ignored: %s", other.reference, len(extra), extra[0])

@@ -17,17 +17,11 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("recipe", help="recipe YAML: a mergekit config (any method; `dots` for DoTS)")
     p.add_argument("out_dir", help="output model folder (created when the merge is complete)")
     p.add_argument("--device", default="cpu", help="where the tensor math runs: cpu (default) or cuda")
-    p.add_argument(
-        "--out-shard-size", default="5GB", metavar="SIZE", help="largest output shard, e.g. 400MB, 5GB"
-    )
+    p.add_argument("--out-shard-size", default="5GB", metavar="SIZE", help="largest output shard, e.g. 400MB, 5GB")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
-    p.add_argument(
-        "--allow-pickle", action="store_true", help="accept .bin/.pt pickle checkpoints (runs their code)"
-    )
+    p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt pickle checkpoints (runs their code)")
     p.add_argument("--allow-nonfinite", action="store_true", help="merge inputs that hold NaN or Inf")
-    p.add_argument(
-        "--trust-remote-code", action="store_true", help="let transformers run model code from the Hub"
-    )
+    p.add_argument("--trust-remote-code", action="store_true", help="let transformers run model code from the Hub")
     p.add_argument("--cache-dir", default="default", help="pre-pass cache (default: ~/.cache/dots-merge)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the pre-pass cache")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -96,9 +90,7 @@ def run_guarded(func: Callable[[], int], *, prog: str, debug: bool) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `dots-merge`."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s: %(message)s"
-    )
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
     if not args.debug:
         import transformers
 

@@ -71,15 +71,13 @@ def inspect_models(recipe: Recipe, *, allow_pickle: bool = False) -> dict[str, C
     config = recipe.merge_config()
     refs = config.referenced_models()
     base_ref = config.base_model or refs[0]
-    ordered = [base_ref] + sorted((r for r in refs if r != base_ref), key=str)
+    ordered = [base_ref, *sorted((r for r in refs if r != base_ref), key=str)]
     checkpoints: dict[str, Checkpoint] = {}
     for ref in ordered:
         if ref.lora is not None:
             LOG.warning("%s: LoRA adapters are merged by mergekit and not checked beforehand", ref)
             continue
-        checkpoints[str(ref)] = open_checkpoint(
-            ref.model.path, revision=ref.model.revision, allow_pickle=allow_pickle
-        )
+        checkpoints[str(ref)] = open_checkpoint(ref.model.path, revision=ref.model.revision, allow_pickle=allow_pickle)
     loaded = list(checkpoints.values())
     if loaded:
         check_compatible(
@@ -97,9 +95,7 @@ def resolve_device(device: str) -> str:
         return device
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise DotsMergeError(
-                f"--device {device}: no CUDA device is available (torch {torch.__version__})"
-            )
+            raise DotsMergeError(f"--device {device}: no CUDA device is available (torch {torch.__version__})")
         return device
     raise DotsMergeError(f"--device {device}: use cpu or cuda")
 
@@ -152,9 +148,7 @@ def prepare(
     used = recipe.copy()
     if used.method == METHOD_NAME and not used.data.get("out_dtype"):
         base = next(iter(checkpoints.values()), None)
-        used.data["out_dtype"] = (
-            used.data.get("dtype") or (base.dominant_dtype() if base else None) or "float32"
-        )
+        used.data["out_dtype"] = used.data.get("dtype") or (base.dominant_dtype() if base else None) or "float32"
     if not _needs_prepass(used):
         return used, Prepass()
     _, _, _, targets = _plan(used, options)
@@ -210,9 +204,7 @@ def merge(
     LoaderCache.loaders.clear()
     LoaderCache().setup(options=options)
     try:
-        used, prepass = prepare(
-            recipe, checkpoints, options, cache_dir=cache, check_finite=not allow_nonfinite
-        )
+        used, prepass = prepare(recipe, checkpoints, options, cache_dir=cache, check_finite=not allow_nonfinite)
         tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)

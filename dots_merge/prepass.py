@@ -109,9 +109,7 @@ def run_prepass(
     return result
 
 
-def _compute(
-    tasks: Sequence[ExecuteMergeMethodTask], *, device: str, check_finite: bool, quiet: bool
-) -> Prepass:
+def _compute(tasks: Sequence[ExecuteMergeMethodTask], *, device: str, check_finite: bool, quiet: bool) -> Prepass:
     by_gather = defaultdict(list)
     for task in tasks:
         by_gather[task.gather_tensors].append(task)
@@ -130,9 +128,7 @@ def _compute(
     return result
 
 
-def _accumulate(
-    task: ExecuteMergeMethodTask, tensors: dict, result: Prepass, *, device: str, check_finite: bool
-):
+def _accumulate(task: ExecuteMergeMethodTask, tensors: dict, result: Prepass, *, device: str, check_finite: bool):
     base = tensors.get(task.base_model)
     if base is None or not base.is_floating_point():
         return

@@ -87,14 +87,10 @@ def parse_recipe(data: Any, *, source: str = "<recipe>") -> Recipe:
         raise RecipeError(f"{source}: missing key 'merge_method' (e.g. merge_method: {METHOD_NAME})")
     names = sorted(m.spec.name for m in merge_methods.registered_methods())
     if method_name not in names:
-        raise RecipeError(
-            f"{source}: merge_method: unknown method {method_name!r}{_did_you_mean(method_name, names)}"
-        )
+        raise RecipeError(f"{source}: merge_method: unknown method {method_name!r}{_did_you_mean(method_name, names)}")
     spec = merge_methods.get(method_name).spec
     checker = _Checker(source, {p.name: p for p in spec.parameters}, method_name)
-    checker.walk_model(
-        MergeConfiguration, {k: v for k, v in data.items() if k != TUNE_KEY}, "", extra={TUNE_KEY}
-    )
+    checker.walk_model(MergeConfiguration, {k: v for k, v in data.items() if k != TUNE_KEY}, "", extra={TUNE_KEY})
     if TUNE_KEY in data and not isinstance(data[TUNE_KEY], dict):
         raise RecipeError(f"{source}: {TUNE_KEY}: must be a mapping")
     for key in ("dtype", "out_dtype"):
@@ -111,9 +107,7 @@ def parse_recipe(data: Any, *, source: str = "<recipe>") -> Recipe:
 
 def _check_dots(data: Mapping[str, Any], source: str) -> None:
     if not data.get("base_model"):
-        raise RecipeError(
-            f"{source}: base_model: the dots method needs a base_model (the task vectors are θ − θ_base)"
-        )
+        raise RecipeError(f"{source}: base_model: the dots method needs a base_model (the task vectors are θ − θ_base)")
     rescale = (data.get("parameters") or {}).get("rescale", "global")
     if not isinstance(rescale, str):
         raise RecipeError(f"{source}: parameters.rescale: must be one plain value (global, tensor or none)")
@@ -130,9 +124,7 @@ class _Checker:
     def fail(self, where: str, message: str) -> typing.NoReturn:
         raise RecipeError(f"{self.source}: {where}: {message}" if where else f"{self.source}: {message}")
 
-    def walk_model(
-        self, model: type[pydantic.BaseModel], value: Any, where: str, extra: set[str] = frozenset()
-    ):
+    def walk_model(self, model: type[pydantic.BaseModel], value: Any, where: str, extra: set[str] = frozenset()):
         if not isinstance(value, dict):
             return  # strings for ModelReference and the like; pydantic reports real type errors
         fields = model.model_fields
@@ -190,9 +182,7 @@ class _Checker:
         if isinstance(setting, dict):
             unknown = set(setting) - set(ConditionalParameter.model_fields)
             if unknown:
-                self.fail(
-                    f"{where}.{sorted(unknown)[0]}", "unknown key (a filtered value has `filter` and `value`)"
-                )
+                self.fail(f"{where}.{sorted(unknown)[0]}", "unknown key (a filtered value has `filter` and `value`)")
             if "value" not in setting:
                 self.fail(where, "a filtered value needs `value:`")
             self.check_setting(spec, setting["value"], f"{where}.value")

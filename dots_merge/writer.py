@@ -79,7 +79,7 @@ class StreamingShardWriter:
 
     def _open_shard(self) -> None:
         path = self.out_dir / f".shard-{len(self._shards):05d}.partial"
-        self._file = open(path, "wb")
+        self._file = open(path, "wb")  # noqa: SIM115 (closed in _close_shard or abort)
         self._file.seek(8 + self._header_room)
         self._entries = {}
         self._offset = 0
