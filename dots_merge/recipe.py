@@ -220,8 +220,10 @@ def _accepts_number(annotation: Any) -> bool:
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    close = difflib.get_close_matches(word, choices, n=2, cutoff=0.75) or difflib.get_close_matches(
+        word, choices, n=1, cutoff=0.6
+    )
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
 
 
 def _pydantic_message(error: Exception) -> str:
