@@ -210,7 +210,9 @@ def merge(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         try:
-            with kernel_context(selections=prepass.selections, check_finite=not allow_nonfinite):
+            with kernel_context(
+                selections=prepass.selections, check_finite=not allow_nonfinite, inputs_checked=bool(prepass.selections)
+            ):
                 _write_model(used, tmp, options, checkpoints, check_finite=not allow_nonfinite)
             (tmp / "README.md").write_text(
                 render_card(used, list(checkpoints.values()), rescale_factors=prepass.factors),

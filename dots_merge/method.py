@@ -30,6 +30,7 @@ from dots_merge.errors import DotsMergeError, NonFiniteError
 from dots_merge.sparsify import (
     NonFiniteTaskVector,
     TopK,
+    add_sparse_task_vector_,
     is_finite,
     keep_count,
     norm_ratio,
@@ -49,6 +50,7 @@ class KernelContext:
 
     selections: Mapping[SelectionKey, TopK] = field(default_factory=dict)
     check_finite: bool = True
+    inputs_checked: bool = False  # the pre-pass already checked every input the selections cover
 
 
 _context = KernelContext()
@@ -56,12 +58,12 @@ _context = KernelContext()
 
 @contextlib.contextmanager
 def kernel_context(
-    *, selections: Mapping[SelectionKey, TopK] | None = None, check_finite: bool = True
+    *, selections: Mapping[SelectionKey, TopK] | None = None, check_finite: bool = True, inputs_checked: bool = False
 ) -> Iterator[None]:
     """Give the kernel cached selections and the non-finite policy for the duration of one merge."""
     global _context
     previous = _context
-    _context = KernelContext(selections=selections or {}, check_finite=check_finite)
+    _context = KernelContext(selections=selections or {}, check_finite=check_finite, inputs_checked=inputs_checked)
     try:
         yield
     finally:
@@ -94,15 +96,29 @@ def dots_kernel(
     name = group.metadata.name or ""
     out = torch.empty(base.numel(), dtype=torch.float32, device=base.device)
     out.copy_(base.reshape(-1))
-    scratch = torch.empty_like(out)
+    scratch = None
     for entry in group.non_base:
-        model = str(entry.id)
+        selection = _cached_selection(str(entry.id), name, density[entry.id], base.numel())
         try:
+            if selection is not None and rescale != "tensor":
+                # Known selection and factor: one fused pass, no task-vector-sized buffer.
+                factor = 1.0 if rescale == "none" else rescale_factor_for(entry.id, rescale_factor)
+                add_sparse_task_vector_(
+                    out,
+                    base,
+                    entry.tensor,
+                    selection,
+                    weight[entry.id] * factor,
+                    check_finite=_context.check_finite and not _context.inputs_checked,
+                )
+                continue
+            if scratch is None:
+                scratch = torch.empty_like(out)
             sparse = sparse_task_vector(
                 base,
                 entry.tensor,
                 density[entry.id],
-                selection=_cached_selection(model, name, density[entry.id], base.numel()),
+                selection=selection,
                 out=scratch,
                 check_finite=_context.check_finite,
                 norms=rescale == "tensor",

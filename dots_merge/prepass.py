@@ -71,15 +71,18 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dots-merge"
 
 
-def cache_key(tasks: Sequence[ExecuteMergeMethodTask], fingerprints: dict[str, list]) -> str:
-    """Hash of the weight files of every model and of each (tensor, model, density) the merge uses."""
+def cache_key(tasks: Sequence[ExecuteMergeMethodTask], fingerprints: dict[str, list], check_finite: bool) -> str:
+    """Hash of the weight files of every model, of each (tensor, model, density) the merge uses, and of
+    whether inputs were checked for NaN/Inf (a hit then means the inputs passed that check)."""
     plan = sorted(
         (task.output_weight.name, str(model), repr(float(task.input_parameters[model]["density"])))
         for task in tasks
         for model in task.model_order
         if model != task.base_model
     )
-    blob = json.dumps({"version": CACHE_VERSION, "files": fingerprints, "plan": plan}, sort_keys=True)
+    blob = json.dumps(
+        {"version": CACHE_VERSION, "files": fingerprints, "plan": plan, "check_finite": check_finite}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -95,7 +98,7 @@ def run_prepass(
     """Load the pre-pass from the cache or compute it by streaming every planned tensor once."""
     cache_file = None
     if cache_dir is not None:
-        cache_file = Path(cache_dir) / "prepass" / f"{cache_key(tasks, fingerprints)}.json"
+        cache_file = Path(cache_dir) / "prepass" / f"{cache_key(tasks, fingerprints, check_finite)}.json"
         if cache_file.is_file():
             try:
                 result = Prepass.from_json(json.loads(cache_file.read_text()))

@@ -51,21 +51,6 @@ def keep_count(density: float, numel: int) -> int:
     return numel if k < 1 else min(k, numel)
 
 
-def task_vector(base: torch.Tensor, tuned: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """τ = tuned − base as a new flat float32 tensor, converted chunk by chunk (no full-size temporaries)."""
-    if base.shape != tuned.shape:
-        raise ValueError(f"shape mismatch: {tuple(base.shape)} vs {tuple(tuned.shape)}")
-    b, t = base.reshape(-1), tuned.reshape(-1)
-    if out is None:
-        out = torch.empty(b.numel(), dtype=torch.float32, device=tuned.device)
-    for s in range(0, b.numel(), CHUNK):
-        e = min(s + CHUNK, b.numel())
-        o = out[s:e]
-        o.copy_(t[s:e])
-        o.sub_(b[s:e].to(device=o.device, dtype=torch.float32))
-    return out
-
-
 def is_finite(t: torch.Tensor) -> bool:
     """True when every entry is finite (chunked; no full-size bool mask)."""
     flat = t.reshape(-1)
@@ -75,11 +60,7 @@ def is_finite(t: torch.Tensor) -> bool:
 def squared_norm(t: torch.Tensor) -> float:
     """Σ t² accumulated in float64."""
     flat = t.reshape(-1)
-    total = 0.0
-    for s in range(0, flat.numel(), CHUNK):
-        c = flat[s : s + CHUNK].double()
-        total += float(torch.dot(c, c))
-    return total
+    return sum((_dot64(flat[s : s + CHUNK]) for s in range(0, flat.numel(), CHUNK)), 0.0)
 
 
 def _magnitude_bits(chunk: torch.Tensor) -> torch.Tensor:
@@ -98,8 +79,19 @@ def _locate(hist: torch.Tensor, k: int) -> tuple[int, int]:
     return _BINS - 1 - j, above
 
 
-def select_topk(tau: torch.Tensor, k: int) -> TopK:
-    """Exact top-k of |τ| by two radix passes over the float32 bit patterns (16 high, then 16 low bits)."""
+def _high_histogram(flat: torch.Tensor) -> torch.Tensor:
+    hist = torch.zeros(_BINS, dtype=torch.int64, device=flat.device)
+    for s in range(0, flat.numel(), CHUNK):
+        hist += torch.bincount(_magnitude_bits(flat[s : s + CHUNK]) >> 16, minlength=_BINS)
+    return hist
+
+
+def select_topk(tau: torch.Tensor, k: int, *, high_histogram: torch.Tensor | None = None) -> TopK:
+    """Exact top-k of |τ| by two radix passes over the float32 bit patterns (16 high, then 16 low bits).
+
+    `high_histogram` (bincount of the high 16 bits of |τ|) may be given when the caller already made
+    it while producing τ, which saves the first pass.
+    """
     flat = tau.reshape(-1)
     if flat.dtype != torch.float32:
         raise TypeError("select_topk expects a float32 tensor")
@@ -108,9 +100,7 @@ def select_topk(tau: torch.Tensor, k: int) -> TopK:
         return TopK(k=n, numel=n)
     if k < 1:
         raise ValueError("k must be at least 1")
-    hist = torch.zeros(_BINS, dtype=torch.int64, device=flat.device)
-    for s in range(0, n, CHUNK):
-        hist += torch.bincount(_magnitude_bits(flat[s : s + CHUNK]) >> 16, minlength=_BINS)
+    hist = _high_histogram(flat) if high_histogram is None else high_histogram.clone()
     high, above = _locate(hist, k)
     hist.zero_()
     for s in range(0, n, CHUNK):
@@ -119,6 +109,21 @@ def select_topk(tau: torch.Tensor, k: int) -> TopK:
     low, above_low = _locate(hist, k - above)
     greater = above + above_low
     return TopK(k=k, numel=n, threshold_bits=(high << 16) | low, ties=k - greater)
+
+
+def _keep_mask(bits: torch.Tensor, sel: TopK, ties_left: int) -> tuple[torch.Tensor, int]:
+    """Which entries of one chunk (as |τ| bits) S keeps, given how many threshold ties are still to keep."""
+    keep = bits > sel.threshold_bits
+    if ties_left > 0:
+        equal = bits == sel.threshold_bits
+        n_equal = int(torch.count_nonzero(equal))
+        if n_equal <= ties_left:
+            keep |= equal
+            ties_left -= n_equal
+        else:
+            keep[equal.nonzero()[:ties_left, 0]] = True
+            ties_left = 0
+    return keep, ties_left
 
 
 def apply_topk_(tau: torch.Tensor, sel: TopK) -> torch.Tensor:
@@ -131,19 +136,14 @@ def apply_topk_(tau: torch.Tensor, sel: TopK) -> torch.Tensor:
     ties_left = sel.ties
     for s in range(0, flat.numel(), CHUNK):
         chunk = flat[s : s + CHUNK]
-        bits = _magnitude_bits(chunk)
-        keep = bits > sel.threshold_bits
-        if ties_left > 0:
-            equal = bits == sel.threshold_bits
-            n_equal = int(torch.count_nonzero(equal))
-            if n_equal <= ties_left:
-                keep |= equal
-                ties_left -= n_equal
-            else:
-                keep[equal.nonzero()[:ties_left, 0]] = True
-                ties_left = 0
+        keep, ties_left = _keep_mask(_magnitude_bits(chunk), sel, ties_left)
         chunk.masked_fill_(keep.logical_not_(), 0.0)
     return tau
+
+
+def _dot64(chunk: torch.Tensor) -> float:
+    c = chunk.double()
+    return float(torch.dot(c, c))
 
 
 def norm_ratio(squared_total: float, squared_kept: float) -> float:
@@ -179,16 +179,70 @@ def sparse_task_vector(
 ) -> SparseTaskVector:
     """S(τ) of one tensor: τ in float32, exact top-k (or the given `selection`), zeros elsewhere.
 
-    `out` (flat float32, numel of `base`) is reused as storage when given. With `norms=False` the two
-    norms are not computed (NaN), saving two passes.
+    Fused: one pass makes τ, its norm and the first radix histogram; one more finds the threshold;
+    one applies it. `out` (flat float32, numel of `base`) is reused as storage when given. With
+    `norms=False` the norms are not computed (NaN).
     """
-    tau = task_vector(base, tuned, out=out)
-    if check_finite and not is_finite(tau):
+    if base.shape != tuned.shape:
+        raise ValueError(f"shape mismatch: {tuple(base.shape)} vs {tuple(tuned.shape)}")
+    b, t = base.reshape(-1), tuned.reshape(-1)
+    n = b.numel()
+    tau = torch.empty(n, dtype=torch.float32, device=tuned.device) if out is None else out
+    k = keep_count(density, n) if selection is None else selection.k
+    hist = torch.zeros(_BINS, dtype=torch.int64, device=tau.device) if selection is None and k < n else None
+    total = 0.0 if norms else math.nan
+    for s in range(0, n, CHUNK):
+        chunk = tau[s : s + CHUNK]
+        chunk.copy_(t[s : s + CHUNK])
+        chunk.sub_(b[s : s + CHUNK].to(device=chunk.device, dtype=torch.float32))
+        if norms:
+            total += _dot64(chunk)  # a non-finite entry makes the sum non-finite: it doubles as the check
+        elif check_finite and not bool(torch.isfinite(chunk).all()):
+            raise NonFiniteTaskVector("task vector holds NaN or Inf")
+        if hist is not None:
+            hist += torch.bincount(_magnitude_bits(chunk) >> 16, minlength=_BINS)
+    if check_finite and norms and not math.isfinite(total):
         raise NonFiniteTaskVector("task vector holds NaN or Inf")
     if selection is None:
-        selection = select_topk(tau, keep_count(density, tau.numel()))
-    if not norms:
-        return SparseTaskVector(apply_topk_(tau, selection), selection, math.nan, math.nan)
-    total = squared_norm(tau)
-    kept = squared_norm(apply_topk_(tau, selection)) if not selection.dense else total
+        selection = select_topk(tau, k, high_histogram=hist) if hist is not None else TopK(k=n, numel=n)
+    if selection.dense:
+        return SparseTaskVector(tau, selection, total, total)
+    kept = 0.0 if norms else math.nan
+    ties_left = selection.ties
+    for s in range(0, n, CHUNK):
+        chunk = tau[s : s + CHUNK]
+        keep, ties_left = _keep_mask(_magnitude_bits(chunk), selection, ties_left)
+        chunk.masked_fill_(keep.logical_not_(), 0.0)
+        if norms:
+            kept += _dot64(chunk)
     return SparseTaskVector(tau, selection, total, kept)
+
+
+def add_sparse_task_vector_(
+    acc: torch.Tensor,
+    base: torch.Tensor,
+    tuned: torch.Tensor,
+    selection: TopK,
+    alpha: float,
+    *,
+    check_finite: bool = True,
+) -> torch.Tensor:
+    """acc += alpha · S(τ) for a known selection, in one chunked pass with no full-size temporary.
+
+    Gives bit-for-bit the same `acc` as `acc.add_(sparse_task_vector(...).values, alpha=alpha)`.
+    """
+    b, t, a = base.reshape(-1), tuned.reshape(-1), acc.view(-1)
+    n = b.numel()
+    if n != selection.numel:
+        raise ValueError(f"selection is for {selection.numel} entries, tensor has {n}")
+    ties_left = selection.ties
+    for s in range(0, n, CHUNK):
+        chunk = t[s : s + CHUNK].to(device=a.device, dtype=torch.float32, copy=True)
+        chunk.sub_(b[s : s + CHUNK].to(device=a.device, dtype=torch.float32))
+        if check_finite and not bool(torch.isfinite(chunk).all()):
+            raise NonFiniteTaskVector("task vector holds NaN or Inf")
+        if not selection.dense:
+            keep, ties_left = _keep_mask(_magnitude_bits(chunk), selection, ties_left)
+            chunk.masked_fill_(keep.logical_not_(), 0.0)
+        a[s : s + CHUNK].add_(chunk, alpha=alpha)
+    return acc

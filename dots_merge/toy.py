@@ -18,15 +18,15 @@ CHAT_TEMPLATE = (
 )
 
 
-def _config(arch: str, hidden: int, layers: int, vocab: int, tied: bool):
+def _config(arch: str, hidden: int, layers: int, vocab: int, tied: bool, intermediate: int | None, heads: int):
     from transformers import LlamaConfig, Qwen2Config
 
     common = dict(
         hidden_size=hidden,
-        intermediate_size=hidden * 2,
+        intermediate_size=intermediate or hidden * 2,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
         vocab_size=vocab,
         max_position_embeddings=256,
         tie_word_embeddings=tied,
@@ -71,6 +71,8 @@ def build_trio(
     hidden: int = 32,
     layers: int = 2,
     vocab: int = 64,
+    intermediate: int | None = None,
+    heads: int = 4,
     dtype: torch.dtype = torch.float32,
     tied: bool = False,
     shard_size: str | None = None,
@@ -83,7 +85,9 @@ def build_trio(
 
     root = Path(root)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_config(arch, hidden, layers, vocab, tied), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(
+        _config(arch, hidden, layers, vocab, tied, intermediate, heads), dtype=torch.float32
+    )
     model.config._name_or_path = ""
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     paths = {"base": _save(model, root / "base", dtype, shard_size, tokenizer, vocab)}

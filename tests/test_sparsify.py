@@ -9,13 +9,13 @@ import torch
 
 from dots_merge import sparsify
 from dots_merge.sparsify import (
+    add_sparse_task_vector_,
     apply_topk_,
     keep_count,
     norm_ratio,
     select_topk,
     sparse_task_vector,
     squared_norm,
-    task_vector,
 )
 from tests.reference import sparsify64
 
@@ -91,9 +91,20 @@ def test_dense_selection_keeps_everything():
 def test_task_vector_is_float32_difference_of_mixed_dtypes(chunk):
     base = torch.randn(3000).to(torch.bfloat16)
     tuned = (base.float() + torch.randn(3000) * 1e-2).to(torch.bfloat16)
-    tau = task_vector(base, tuned)
+    tau = sparse_task_vector(base, tuned, 1.0).values
     assert tau.dtype == torch.float32
     assert torch.equal(tau, tuned.float() - base.float())
+
+
+@pytest.mark.parametrize("density", [0.3, 1.0])
+def test_fused_accumulation_equals_the_two_step_path_bitwise(chunk, density):
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(5001, generator=gen).to(torch.bfloat16)
+    tuned = (base.float() + torch.randn(5001, generator=gen) * 1e-2).to(torch.bfloat16)
+    sparse = sparse_task_vector(base, tuned, density)
+    two_step = base.float().add_(sparse.values, alpha=1.37)
+    fused = add_sparse_task_vector_(base.float(), base, tuned, sparse.selection, 1.37)
+    assert torch.equal(fused, two_step)
 
 
 def test_sparse_task_vector_norms_and_nonfinite(chunk):
