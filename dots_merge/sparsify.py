@@ -17,7 +17,7 @@ from fractions import Fraction
 
 import torch
 
-CHUNK = 1 << 22  # elements per chunk: 16 MiB of float32
+CHUNK = 1 << 18  # elements per chunk: 1 MiB of float32 (small chunks reuse heap memory: far fewer page faults)
 _BINS = 1 << 16
 
 

@@ -20,7 +20,7 @@ from dots_merge.sparsify import (
 from tests.reference import sparsify64
 
 
-@pytest.fixture(params=[1 << 22, 1000], ids=["one-chunk", "many-chunks"])
+@pytest.fixture(params=[1 << 18, 1000], ids=["one-chunk", "many-chunks"])
 def chunk(request, monkeypatch):
     monkeypatch.setattr(sparsify, "CHUNK", request.param)
     return request.param
