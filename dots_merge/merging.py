@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from mergekit.architecture import WeightInfo, get_architecture_info
 from mergekit.common import dtype_from_name
 from mergekit.graph import Executor, Task
@@ -124,7 +125,12 @@ def _plan(recipe: Recipe, options: MergeOptions) -> tuple[Any, Any, MergePlanner
     """mergekit's plan: one merge task per output tensor (its `plan_in_memory` fails in 0.1.5)."""
     config = recipe.merge_config()
     arch_info = get_architecture_info(config, options)
-    cfg_out = _model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # mergekit sets the deprecated `torch_dtype`; not the user's concern
+    try:
+        cfg_out = _model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     planner = MergePlanner(config, arch_info, options=options, out_model_config=cfg_out)
     planner._plan()
     targets = {task: weight for weight, task in planner._tensors}

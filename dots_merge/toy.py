@@ -102,7 +102,7 @@ def build_trio(
             if name == "sft":
                 noise *= 5.0 if "norm" in key else 1.0
             else:
-                keep = torch.rand(value.shape, generator=gen) < 0.2
+                keep = torch.rand(value.shape, generator=gen) < 0.5
                 focus = any(s in key for s in ("self_attn", "lm_head", "embed_tokens"))
                 noise = noise * keep * rlvr_scale * (3.0 if focus else 0.3)
             state[key] = value + noise
