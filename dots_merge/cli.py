@@ -50,6 +50,43 @@ def _run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_analyze(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze", help="task-vector diagnostics of a recipe's fine-tunes (tables, JSON, plots)")
+    p.add_argument("recipe", help="recipe YAML naming a base_model and its fine-tunes")
+    p.add_argument("--out", metavar="DIR", help="write analysis.json and PNG plots into DIR")
+    p.add_argument("--densities", default="0.1,0.3,0.5", help="densities for the sparsified statistics")
+    p.add_argument("--json", metavar="PATH", help="write the JSON report here (default: DIR/analysis.json)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt pickle checkpoints (runs their code)")
+    p.add_argument("--allow-nonfinite", action="store_true", help="analyze inputs that hold NaN or Inf")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_analyze)
+
+
+def _run_analyze(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dots_merge.analyze import analyze, format_table, parse_densities, write_json, write_plots
+
+    report = analyze(
+        args.recipe,
+        densities=parse_densities(args.densities),
+        device=args.device,
+        allow_pickle=args.allow_pickle,
+        allow_nonfinite=args.allow_nonfinite,
+        quiet=args.quiet,
+    )
+    print(format_table(report))
+    json_path = Path(args.json) if args.json else (Path(args.out) / "analysis.json" if args.out else None)
+    if json_path is not None:
+        write_json(report, json_path)
+        print(f"\nreport: {json_path}")
+    if args.out:
+        for path in write_plots(report, Path(args.out)):
+            print(f"plot:   {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dots_merge import __version__
 
@@ -61,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_merge(sub)
+    _add_analyze(sub)
     return parser
 
 

@@ -23,7 +23,7 @@ GPU_CHUNK = 1 << 24  # on a GPU, larger chunks: fewer host synchronisations
 _BINS = 1 << 16
 
 
-def _spans(n: int, device: torch.device) -> Iterator[slice]:
+def chunk_spans(n: int, device: torch.device) -> Iterator[slice]:
     """Consecutive slices covering range(n), sized for the device."""
     step = CHUNK if device.type == "cpu" else GPU_CHUNK
     return (slice(s, min(s + step, n)) for s in range(0, n, step))
@@ -62,16 +62,16 @@ def keep_count(density: float, numel: int) -> int:
 def is_finite(t: torch.Tensor) -> bool:
     """True when every entry is finite (chunked; no full-size bool mask)."""
     flat = t.reshape(-1)
-    return all(bool(torch.isfinite(flat[sl]).all()) for sl in _spans(flat.numel(), flat.device))
+    return all(bool(torch.isfinite(flat[sl]).all()) for sl in chunk_spans(flat.numel(), flat.device))
 
 
 def squared_norm(t: torch.Tensor) -> float:
     """Σ t² accumulated in float64."""
     flat = t.reshape(-1)
-    return sum((_dot64(flat[sl]) for sl in _spans(flat.numel(), flat.device)), 0.0)
+    return sum((_dot64(flat[sl]) for sl in chunk_spans(flat.numel(), flat.device)), 0.0)
 
 
-def _magnitude_bits(chunk: torch.Tensor) -> torch.Tensor:
+def magnitude_bits(chunk: torch.Tensor) -> torch.Tensor:
     return chunk.abs().view(torch.int32)
 
 
@@ -89,8 +89,8 @@ def _locate(hist: torch.Tensor, k: int) -> tuple[int, int]:
 
 def _high_histogram(flat: torch.Tensor) -> torch.Tensor:
     hist = torch.zeros(_BINS, dtype=torch.int64, device=flat.device)
-    for sl in _spans(flat.numel(), flat.device):
-        hist += torch.bincount(_magnitude_bits(flat[sl]) >> 16, minlength=_BINS)
+    for sl in chunk_spans(flat.numel(), flat.device):
+        hist += torch.bincount(magnitude_bits(flat[sl]) >> 16, minlength=_BINS)
     return hist
 
 
@@ -111,15 +111,15 @@ def select_topk(tau: torch.Tensor, k: int, *, high_histogram: torch.Tensor | Non
     hist = _high_histogram(flat) if high_histogram is None else high_histogram.clone()
     high, above = _locate(hist, k)
     hist.zero_()
-    for sl in _spans(n, flat.device):
-        bits = _magnitude_bits(flat[sl])
+    for sl in chunk_spans(n, flat.device):
+        bits = magnitude_bits(flat[sl])
         hist += torch.bincount(bits[(bits >> 16) == high] & 0xFFFF, minlength=_BINS)
     low, above_low = _locate(hist, k - above)
     greater = above + above_low
     return TopK(k=k, numel=n, threshold_bits=(high << 16) | low, ties=k - greater)
 
 
-def _keep_mask(bits: torch.Tensor, sel: TopK, ties_left: int) -> tuple[torch.Tensor, int]:
+def keep_mask(bits: torch.Tensor, sel: TopK, ties_left: int) -> tuple[torch.Tensor, int]:
     """Which entries of one chunk (as |τ| bits) S keeps, given how many threshold ties are still to keep."""
     keep = bits > sel.threshold_bits
     if ties_left > 0:
@@ -142,9 +142,9 @@ def apply_topk_(tau: torch.Tensor, sel: TopK) -> torch.Tensor:
     if sel.dense:
         return tau
     ties_left = sel.ties
-    for sl in _spans(flat.numel(), flat.device):
+    for sl in chunk_spans(flat.numel(), flat.device):
         chunk = flat[sl]
-        keep, ties_left = _keep_mask(_magnitude_bits(chunk), sel, ties_left)
+        keep, ties_left = keep_mask(magnitude_bits(chunk), sel, ties_left)
         chunk.masked_fill_(keep.logical_not_(), 0.0)
     return tau
 
@@ -199,7 +199,7 @@ def sparse_task_vector(
     k = keep_count(density, n) if selection is None else selection.k
     hist = torch.zeros(_BINS, dtype=torch.int64, device=tau.device) if selection is None and k < n else None
     total = 0.0 if norms else math.nan
-    for sl in _spans(n, tau.device):
+    for sl in chunk_spans(n, tau.device):
         chunk = tau[sl]
         chunk.copy_(t[sl])
         chunk.sub_(b[sl].to(device=chunk.device, dtype=torch.float32))
@@ -208,7 +208,7 @@ def sparse_task_vector(
         elif check_finite and not bool(torch.isfinite(chunk).all()):
             raise NonFiniteTaskVector("task vector holds NaN or Inf")
         if hist is not None:
-            hist += torch.bincount(_magnitude_bits(chunk) >> 16, minlength=_BINS)
+            hist += torch.bincount(magnitude_bits(chunk) >> 16, minlength=_BINS)
     if check_finite and norms and not math.isfinite(total):
         raise NonFiniteTaskVector("task vector holds NaN or Inf")
     if selection is None:
@@ -217,9 +217,9 @@ def sparse_task_vector(
         return SparseTaskVector(tau, selection, total, total)
     kept = 0.0 if norms else math.nan
     ties_left = selection.ties
-    for sl in _spans(n, tau.device):
+    for sl in chunk_spans(n, tau.device):
         chunk = tau[sl]
-        keep, ties_left = _keep_mask(_magnitude_bits(chunk), selection, ties_left)
+        keep, ties_left = keep_mask(magnitude_bits(chunk), selection, ties_left)
         chunk.masked_fill_(keep.logical_not_(), 0.0)
         if norms:
             kept += _dot64(chunk)
@@ -244,13 +244,13 @@ def add_sparse_task_vector_(
     if n != selection.numel:
         raise ValueError(f"selection is for {selection.numel} entries, tensor has {n}")
     ties_left = selection.ties
-    for sl in _spans(n, a.device):
+    for sl in chunk_spans(n, a.device):
         chunk = t[sl].to(device=a.device, dtype=torch.float32, copy=True)
         chunk.sub_(b[sl].to(device=a.device, dtype=torch.float32))
         if check_finite and not bool(torch.isfinite(chunk).all()):
             raise NonFiniteTaskVector("task vector holds NaN or Inf")
         if not selection.dense:
-            keep, ties_left = _keep_mask(_magnitude_bits(chunk), selection, ties_left)
+            keep, ties_left = keep_mask(magnitude_bits(chunk), selection, ties_left)
             chunk.masked_fill_(keep.logical_not_(), 0.0)
         a[sl].add_(chunk, alpha=alpha)
     return acc
