@@ -91,7 +91,7 @@ def analyze(
             if not base.is_floating_point():
                 continue
             kind, layer = module_type(name), layer_of(name)
-            base_sq[kind] += squared_norm(base.float())
+            base_sq[kind] += squared_norm(base)
             taus: dict[str, torch.Tensor] = {}
             selections: dict[str, dict[str, TopK]] = {}
             for model in finetunes:
