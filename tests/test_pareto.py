@@ -1,0 +1,38 @@
+"""Pareto front, hypervolume and the pick rules on hand-made fronts."""
+
+from __future__ import annotations
+
+import pytest
+
+from dots_merge.pareto import dominates, front, hypervolume, pick, reference_point
+
+
+def test_front_and_domination():
+    pts = [(0.5, 3.0), (0.9, 5.0), (0.4, 4.0), (0.9, 6.0), (0.7, 3.5), (0.5, 3.0)]
+    assert dominates((0.5, 3.0), (0.4, 4.0)) and not dominates((0.5, 3.0), (0.5, 3.0))
+    assert front(pts) == [1, 4, 0, 5]
+
+
+def test_hypervolume_by_hand():
+    assert hypervolume([(0.5, 3.0), (0.9, 5.0)], (0.0, 10.0)) == pytest.approx(0.5 * 7 + 0.4 * 5)
+    assert hypervolume([(0.5, 3.0), (0.9, 5.0), (0.4, 4.0)], (0.0, 10.0)) == pytest.approx(5.5)
+    assert hypervolume([(0.5, 12.0)], (0.0, 10.0)) == 0.0
+    assert hypervolume([], (0.0, 10.0)) == 0.0
+    assert reference_point([(0.5, 3.0), (0.2, 10.0)]) == (0.0, 11.0)
+
+
+def test_knee_is_the_point_farthest_from_the_extremes_line():
+    # extremes (1.0, 10) and (0.0, 1); the knee (0.9, 2) bulges out, (0.5, 5.5) lies on the line
+    pts = [(1.0, 10.0), (0.0, 1.0), (0.9, 2.0), (0.5, 5.5)]
+    assert pick(pts, "knee") == 2
+    assert pick(pts, "max_consistency") == 0
+    assert pick(pts, "min_perplexity") == 1
+    assert pick(pts, "utopia") == 2
+
+
+def test_pick_ignores_dominated_points_and_small_fronts():
+    pts = [(0.2, 9.0), (0.8, 2.0), (0.1, 20.0)]
+    for rule in ("knee", "utopia", "max_consistency", "min_perplexity"):
+        assert pick(pts, rule) == 1
+    with pytest.raises(ValueError):
+        pick(pts, "best")
