@@ -27,6 +27,7 @@ from dots_merge.diagnostics import MODULE_TYPES, NO_LAYER, PairCounts, layer_of,
 from dots_merge.errors import DotsMergeError
 from dots_merge.merging import as_recipe, inspect_models, resolve_device
 from dots_merge.method import nonfinite_error
+from dots_merge.plots import pyplot, save_figure
 from dots_merge.recipe import Recipe, model_entries, model_name
 from dots_merge.sparsify import NonFiniteTaskVector, TopK, keep_count, select_topk, sparse_task_vector, squared_norm
 
@@ -189,11 +190,7 @@ def write_json(report: dict[str, Any], path: Path) -> None:
 
 def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
     """module_share.png, layer_norms.png and sign_conflict.png in `out_dir`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     models = report["models"]
     written = []
@@ -208,7 +205,7 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_ylabel("share of ‖τ‖² (%)")
     ax.set_title("Where each task vector lives")
     ax.legend()
-    written.append(_save(fig, out_dir / "module_share.png"))
+    written.append(save_figure(fig, out_dir / "module_share.png"))
 
     fig, ax = plt.subplots(figsize=(9, 4))
     for name, m in models.items():
@@ -220,7 +217,7 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_ylabel("‖τ‖₂ of the layer")
     ax.set_title("Task-vector norm per layer")
     ax.legend()
-    written.append(_save(fig, out_dir / "layer_norms.png"))
+    written.append(save_figure(fig, out_dir / "layer_norms.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for p in report["pairs"]:
@@ -234,21 +231,9 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_ylabel("opposite signs (%)")
     ax.set_title("Sign conflict against density")
     ax.legend(fontsize=8)
-    written.append(_save(fig, out_dir / "sign_conflict.png"))
+    written.append(save_figure(fig, out_dir / "sign_conflict.png"))
     return written
 
 
 def _short(name: str) -> str:
     return Path(name).name or name
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path

@@ -87,6 +87,49 @@ def _run_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tune", help="search the recipe's coefficients on unlabeled queries, then merge the pick")
+    p.add_argument("recipe", help="recipe YAML with a `tune:` section")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (trials, Pareto front, model/)")
+    p.add_argument("--trials", type=int, help="trial budget (default: tune.trials)")
+    p.add_argument("--seed", type=int, help="seed (default: tune.seed)")
+    p.add_argument("--backend", choices=["bayes", "optuna", "random"], help="search backend (default: tune.backend)")
+    p.add_argument("--pick", choices=["knee", "utopia", "max_consistency", "min_perplexity"], help="pick rule")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in RUN_DIR after a crash or with more trials"
+    )
+    p.add_argument("--no-merge", action="store_true", help="stop after the search: no RUN_DIR/model")
+    p.add_argument("--out-shard-size", default="5GB", metavar="SIZE", help="largest shard of RUN_DIR/model")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_tune)
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    from dots_merge.tuning import tune
+
+    result = tune(
+        args.recipe,
+        args.out,
+        trials=args.trials,
+        seed=args.seed,
+        backend=args.backend,
+        pick_rule=args.pick,
+        device=args.device,
+        resume=args.resume,
+        quiet=args.quiet,
+        merge_best=not args.no_merge,
+        out_shard_size=args.out_shard_size,
+    )
+    best = next(r for r in result.records if r["number"] == result.pick)
+    print(f"{len(result.records)} trials; Pareto front: {', '.join(f'#{n}' for n in result.front)}")
+    print(f"pick ({result.rule}): trial #{result.pick}  consistency {best['consistency']:.4f}  "
+          f"perplexity {best['perplexity']:.4f}  {best['params']}")  # fmt: skip
+    if result.model_dir is not None:
+        print(f"merged model: {result.model_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dots_merge import __version__
 
@@ -99,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_merge(sub)
     _add_analyze(sub)
+    _add_tune(sub)
     return parser
 
 
@@ -133,6 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         import transformers
 
         transformers.logging.set_verbosity_error()
+    if getattr(args, "quiet", False):
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     return run_guarded(lambda: args.run(args), prog="dots-merge", debug=args.debug)
 
 

@@ -139,6 +139,17 @@ def _plan(recipe: Recipe, options: MergeOptions) -> tuple[Any, Any, MergePlanner
     return config, arch_info, planner, targets
 
 
+def output_dtype(recipe: Recipe, checkpoints: Mapping[str, Checkpoint]) -> str:
+    """`out_dtype`, else `dtype`, else the dtype most of the base's parameters are stored in."""
+    base = next(iter(checkpoints.values()), None)
+    return (
+        recipe.data.get("out_dtype")
+        or recipe.data.get("dtype")
+        or (base.dominant_dtype() if base else None)
+        or "float32"
+    )
+
+
 def prepare(
     recipe: Recipe,
     checkpoints: Mapping[str, Checkpoint],
@@ -153,8 +164,7 @@ def prepare(
     """
     used = recipe.copy()
     if used.method == METHOD_NAME and not used.data.get("out_dtype"):
-        base = next(iter(checkpoints.values()), None)
-        used.data["out_dtype"] = used.data.get("dtype") or (base.dominant_dtype() if base else None) or "float32"
+        used.data["out_dtype"] = output_dtype(used, checkpoints)
     if not _needs_prepass(used):
         return used, Prepass()
     _, _, _, targets = _plan(used, options)

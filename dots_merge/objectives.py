@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
@@ -236,3 +238,61 @@ def generate_answers(
         texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
         out += [texts[i * samples : (i + 1) * samples] for i in range(len(ids))]
     return out
+
+
+@dataclass
+class Scores:
+    """Both objectives of one candidate on a query set, with what they were computed from."""
+
+    consistency: float
+    perplexity: float
+    per_query_consistency: list[float]
+    per_query_nll: list[float]
+    answers: list[list[str | None]]
+    seconds_generation: float
+    seconds_perplexity: float
+
+
+def score(
+    model,
+    tokenizer,
+    queries: Sequence[str],
+    *,
+    suffix: str,
+    extract: Callable[[str], str | None],
+    equal: Callable[[str, str], bool],
+    samples: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+    with_perplexity: bool = True,
+) -> Scores:
+    """Consistency of `samples` answers per query (prompt = query + suffix) and perplexity of the bare queries."""
+    started = time.perf_counter()
+    prompts = [f"{q}\n{suffix}" if suffix else q for q in queries]
+    completions = generate_answers(
+        model,
+        tokenizer,
+        prompts,
+        samples=samples,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    answers = [[extract(text) for text in texts] for texts in completions]
+    per_query = [consistency(a, equal) for a in answers]
+    generated = time.perf_counter()
+    nlls = query_nll(model, tokenizer, queries, batch_size=batch_size) if with_perplexity else []
+    return Scores(
+        consistency=sum(per_query) / len(per_query),
+        perplexity=perplexity(nlls) if nlls else math.nan,
+        per_query_consistency=per_query,
+        per_query_nll=nlls,
+        answers=answers,
+        seconds_generation=generated - started,
+        seconds_perplexity=time.perf_counter() - generated,
+    )

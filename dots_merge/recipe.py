@@ -102,7 +102,12 @@ def parse_recipe(data: Any, *, source: str = "<recipe>") -> Recipe:
         raise RecipeError(f"{source}: {_pydantic_message(error)}") from None
     if method_name == METHOD_NAME:
         _check_dots(data, source)
-    return Recipe(data=data, source=source)
+    recipe = Recipe(data=data, source=source)
+    if TUNE_KEY in data:
+        from dots_merge.tune_spec import parse_tune
+
+        parse_tune(recipe, load_queries=False)
+    return recipe
 
 
 def _check_dots(data: Mapping[str, Any], source: str) -> None:

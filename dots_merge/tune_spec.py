@@ -83,7 +83,7 @@ def _number(source: str, where: str, value: Any, *, integer: bool = False) -> fl
     return value
 
 
-def load_queries(spec_value: Any, source: str, base_dir: Path) -> list[str]:
+def read_queries(spec_value: Any, source: str, base_dir: Path) -> list[str]:
     """Queries from a JSONL file (a "prompt" per line, path relative to the recipe) or an inline list."""
     if isinstance(spec_value, list):
         if not spec_value:
@@ -114,8 +114,11 @@ def load_queries(spec_value: Any, source: str, base_dir: Path) -> list[str]:
     return queries
 
 
-def parse_tune(recipe: Recipe, *, require_queries: bool = True) -> TuneSpec:
-    """Validate `recipe.tune`; raise `RecipeError` naming the key at fault."""
+def parse_tune(recipe: Recipe, *, load_queries: bool = True) -> TuneSpec:
+    """Validate `recipe.tune`; raise `RecipeError` naming the key at fault.
+
+    With `load_queries=False` the query file is neither required nor read (a plain merge of the recipe).
+    """
     src = recipe.source
     raw = recipe.tune
     if raw is None:
@@ -124,9 +127,9 @@ def parse_tune(recipe: Recipe, *, require_queries: bool = True) -> TuneSpec:
     if unknown:
         _fail(src, f"tune.{unknown[0]}", f"unknown key (known: {', '.join(sorted(_TUNE_KEYS))})")
     base_dir = Path(src).parent if Path(src).is_file() else Path.cwd()
-    if "queries" not in raw and require_queries:
+    if "queries" not in raw and load_queries:
         _fail(src, "tune.queries", "missing: a JSONL file of prompts or a list of prompts")
-    queries = load_queries(raw["queries"], src, base_dir) if "queries" in raw else []
+    queries = read_queries(raw["queries"], src, base_dir) if "queries" in raw and load_queries else []
 
     trials = int(_number(src, "tune.trials", raw.get("trials", 40), integer=True))
     if trials < 1:
