@@ -5,15 +5,19 @@ same cached selections, same cast), and copies the result into the model's param
 trial evaluates are bit for bit those `dots-merge merge` writes for that recipe, computed from the
 clean base every time (no add/subtract drift) and never written to disk.
 
-Inputs (base and fine-tune tensors) are read memory-mapped from their safetensors files; on a GPU they
-are copied to the device once when they fit in `device_budget` bytes, else streamed from the page cache.
+For `dots`, each sparsified task vector S(τ) (and its per-tensor factor) is computed once per
+(model, tensor, k) and kept while it fits in `vector_budget` bytes (on the device): a trial that only
+changes λ is then one pass of additions. Vectors that do not fit are recomputed from the inputs, which are
+read memory-mapped from their safetensors files (on a GPU, copied to the device once when they fit in
+`device_budget` bytes). Either way the arithmetic is the kernel's, so the result does not change.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -24,8 +28,10 @@ from mergekit.options import MergeOptions
 from dots_merge.checkpoints import Checkpoint
 from dots_merge.errors import DotsMergeError
 from dots_merge.merging import _plan, output_dtype, prepare
-from dots_merge.method import kernel_context
+from dots_merge.method import METHOD_NAME, kernel_context, nonfinite_error, rescale_factor_for
+from dots_merge.prepass import Prepass
 from dots_merge.recipe import Recipe
+from dots_merge.sparsify import NonFiniteTaskVector, keep_count, norm_ratio, sparse_task_vector
 
 LOG = logging.getLogger(__name__)
 
@@ -41,6 +47,7 @@ class ResidentCandidate:
         device: str = "cpu",
         cache_dir: Path | None = None,
         device_budget: int | None = None,
+        vector_budget: int | None = None,
         trust_remote_code: bool = False,
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -63,6 +70,9 @@ class ResidentCandidate:
         self.state = self.model.state_dict(keep_vars=True)
         self._resident: dict[tuple[str, str], torch.Tensor] | None = None
         self._budget = device_budget
+        self._vectors: OrderedDict[tuple[str, str, int], tuple[torch.Tensor, float]] = OrderedDict()
+        self._vector_budget = _default_vector_budget(self.device) if vector_budget is None else vector_budget
+        self._vector_bytes = 0
         LoaderCache.loaders.clear()
         LoaderCache().setup(options=self.options)
 
@@ -78,12 +88,16 @@ class ResidentCandidate:
             torch.no_grad(),
             kernel_context(selections=prepass.selections, inputs_checked=bool(prepass.selections)),
         ):
+            self._in_use: set[tuple[str, str, int]] = set()
             for task, weight in targets.items():
-                inputs = {
-                    model: self._input(model, info, config.dtype)
-                    for model, info in task.gather_tensors.weight_info.items()
-                }
-                result = task.execute(tensors={m: t for m, t in inputs.items() if t is not None})
+                if used.method == METHOD_NAME:
+                    result = self._dots_tensor(task, weight.name, config.dtype, prepass)
+                else:
+                    inputs = {
+                        model: self._input(model, info, config.dtype)
+                        for model, info in task.gather_tensors.weight_info.items()
+                    }
+                    result = task.execute(tensors={m: t for m, t in inputs.items() if t is not None})
                 if result is None:
                     continue
                 out_dtype = dtype_from_name(weight.force_dtype or config.out_dtype)
@@ -93,6 +107,77 @@ class ResidentCandidate:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return used, time.perf_counter() - started
+
+    def _dots_tensor(self, task, name: str, dtype: str | None, prepass: Prepass) -> torch.Tensor:
+        """θ_base + Σ λ·f·S(τ) for one tensor, with the kernel's arithmetic and cached S(τ)."""
+        infos = task.gather_tensors.weight_info
+        base = self._input(task.base_model, infos[task.base_model], dtype)
+        if not base.is_floating_point():
+            return base
+        base = base.to(self.device)
+        rescale = task.parameters["rescale"]
+        out = torch.empty(base.numel(), dtype=torch.float32, device=self.device)
+        out.copy_(base.reshape(-1))
+        for model in task.model_order:
+            if model == task.base_model or model not in infos:
+                continue
+            params = task.input_parameters[model]
+            k = keep_count(params["density"], base.numel())
+            vector, tensor_factor = self._vector(
+                (str(model), name, k),
+                base,
+                lambda model=model: self._input(model, infos[model], dtype),
+                params["density"],
+                prepass,
+                norms=rescale == "tensor",
+                base_model=task.base_model,
+            )
+            if rescale == "tensor":
+                factor = tensor_factor
+            elif rescale == "none":
+                factor = 1.0
+            else:
+                factor = rescale_factor_for(model, {model: params["rescale_factor"]})
+            out.add_(vector, alpha=params["weight"] * factor)
+        return out.view(base.shape)
+
+    def _vector(
+        self,
+        key: tuple[str, str, int],
+        base: torch.Tensor,
+        load: Callable[[], torch.Tensor],
+        density: float,
+        prepass: Prepass,
+        *,
+        norms: bool,
+        base_model: object,
+    ) -> tuple[torch.Tensor, float]:
+        """S(τ) (flat float32) and its per-tensor norm ratio, cached while the budget allows."""
+        self._in_use.add(key)
+        if key in self._vectors:
+            self._vectors.move_to_end(key)
+            return self._vectors[key]
+        try:
+            sparse = sparse_task_vector(
+                base,
+                load().to(self.device),
+                density,
+                selection=prepass.selections.get(key),
+                check_finite=not prepass.selections,
+                norms=norms,
+            )
+        except NonFiniteTaskVector:
+            raise nonfinite_error(key[1], base, base_model, key[0]) from None
+        value = (sparse.values, norm_ratio(sparse.squared_norm, sparse.squared_norm_kept) if norms else 1.0)
+        size = sparse.values.numel() * 4
+        while self._vector_bytes + size > self._vector_budget:
+            stale = next((k for k in self._vectors if k not in self._in_use), None)
+            if stale is None:
+                return value
+            self._vector_bytes -= self._vectors.pop(stale)[0].numel() * 4
+        self._vectors[key] = value
+        self._vector_bytes += size
+        return value
 
     def _input(self, model, info, dtype: str | None) -> torch.Tensor | None:
         key = (str(model), info.name)
@@ -125,3 +210,16 @@ class ResidentCandidate:
     def weights(self) -> dict[str, torch.Tensor]:
         """The current weights (on the CPU), by parameter name."""
         return {k: v.detach().to("cpu") for k, v in self.model.state_dict().items()}
+
+
+def _default_vector_budget(device: torch.device) -> int:
+    """Half the free memory of the device (of the machine's available RAM for the CPU)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.3)
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024 // 2
+    except (OSError, KeyError, ValueError):
+        return 2 << 30

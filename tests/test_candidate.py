@@ -13,20 +13,27 @@ from tests.conftest import dots_recipe
 from tests.reference import load_state
 
 
-@pytest.mark.parametrize("trio_name", ["llama_trio", "qwen_trio"])
-def test_trial_weights_equal_the_merge_bitwise(request, tmp_path, trio_name):
+@pytest.mark.parametrize(
+    ("trio_name", "rescale", "vector_budget"),
+    [("llama_trio", "global", None), ("qwen_trio", "global", None), ("llama_trio", "tensor", None),
+     ("llama_trio", "none", None), ("qwen_trio", "global", 0)],
+    ids=["llama-global", "qwen-bf16-global", "tensor", "none", "no-vector-cache"],
+)  # fmt: skip
+def test_trial_weights_equal_the_merge_bitwise(request, tmp_path, trio_name, rescale, vector_budget):
     trio = request.getfixturevalue(trio_name)
-    first = dots_recipe(trio)
-    second = dots_recipe(trio)
+    first = dots_recipe(trio, parameters={"rescale": rescale})
+    second = dots_recipe(trio, parameters={"rescale": rescale})
     second["models"][0]["parameters"] = {
         "weight": [{"filter": "self_attn", "value": 1.7}, {"value": 0.6}],
         "density": 0.5,
     }
     recipes = [parse_recipe(first), parse_recipe(second)]
-    candidate = ResidentCandidate(recipes[0], inspect_models(recipes[0]), cache_dir=tmp_path / "cache")
+    candidate = ResidentCandidate(
+        recipes[0], inspect_models(recipes[0]), cache_dir=tmp_path / "cache", vector_budget=vector_budget
+    )
     for i, recipe in enumerate([*recipes, recipes[0]]):  # back to the first: no drift
         used, seconds = candidate.apply(recipe)
-        assert seconds >= 0 and "rescale_factor" in used.to_yaml()
+        assert seconds >= 0 and ("rescale_factor" in used.to_yaml()) == (rescale == "global")
         out = tmp_path / f"merge{i}"
         dots_merge.merge(recipe, out)
         merged, weights = load_state(out), candidate.weights()
