@@ -130,6 +130,40 @@ def _run_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_queries(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("queries", help="choose the unlabeled tuning queries")
+    qsub = p.add_subparsers(dest="queries_command", required=True)
+    s = qsub.add_parser("select", help="label-free, difficulty-aware choice of tuning queries from a pool")
+    s.add_argument("recipe", help="recipe YAML (its base and fine-tunes; `tune.generation` if present)")
+    s.add_argument("--pool", required=True, help='JSONL pool of prompts (a "prompt" field per line)')
+    s.add_argument("--n", type=int, default=16, help="how many to choose (default 16: 8 easy + 8 hard)")
+    s.add_argument("--out", required=True, help="output JSONL (prompt, difficulty, split, consistencies)")
+    s.add_argument("--samples", type=int, default=5, help="answers per prompt and fine-tune (default 5)")
+    s.add_argument("--max-difficulty", type=float, default=0.8, help="drop prompts harder than this (default 0.8)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    s.add_argument("--quiet", action="store_true", help="no progress output")
+    s.set_defaults(run=_run_select)
+
+
+def _run_select(args: argparse.Namespace) -> int:
+    from dots_merge.queries import select_queries
+
+    rows = select_queries(
+        args.recipe,
+        args.pool,
+        args.n,
+        args.out,
+        samples=args.samples,
+        seed=args.seed,
+        max_difficulty=args.max_difficulty,
+        device=args.device,
+    )
+    easy = sum(r["split"] == "easy" for r in rows)
+    print(f"chose {len(rows)} queries ({easy} easy, {len(rows) - easy} hard) into {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dots_merge import __version__
 
@@ -143,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_merge(sub)
     _add_analyze(sub)
     _add_tune(sub)
+    _add_queries(sub)
     return parser
 
 

@@ -45,7 +45,7 @@ class TuneResult:
     seconds: float
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -53,6 +53,12 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def require_tokenizer(base) -> None:
+    """Tuning generates text: the base model folder must hold a tokenizer."""
+    if not any((base.path / f).is_file() for f in TOKENIZER_FILES):
+        raise DotsMergeError(f"model {base.reference}: no tokenizer in {base.path} (tune generates text with it)")
 
 
 def read_records(run_dir: Path) -> list[dict[str, Any]]:
@@ -131,7 +137,7 @@ def _open_run(run_dir: Path, identity: dict[str, Any], resume: bool) -> None:
         raise DotsMergeError(f"{run_dir}: exists and is not empty (pass --resume to continue that run)")
     from dots_merge import __version__
 
-    _write_atomic(run_file, json.dumps({"identity": identity, "dots_merge": __version__}, indent=2) + "\n")
+    write_atomic(run_file, json.dumps({"identity": identity, "dots_merge": __version__}, indent=2) + "\n")
 
 
 def _summary(records: list[dict[str, Any]], rule: str) -> dict[str, Any]:
@@ -185,9 +191,7 @@ def tune(
     spec.pick = pick_rule or spec.pick
     device = resolve_device(device)
     checkpoints = inspect_models(recipe)
-    base = next(iter(checkpoints.values()))
-    if not any((base.path / f).is_file() for f in TOKENIZER_FILES):
-        raise DotsMergeError(f"model {base.reference}: no tokenizer in {base.path} (tune generates text with it)")
+    require_tokenizer(next(iter(checkpoints.values())))
     if spec.backend == "optuna":
         from dots_merge.tuner.optuna_backend import OptunaTuner  # noqa: F401  (fails early without the extra)
 
@@ -206,11 +210,11 @@ def tune(
 
     summary = _summary(records, spec.pick)
     idx, chosen = summary.pop("_indices")
-    _write_atomic(run_dir / "pareto.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(run_dir / "pareto.json", json.dumps(summary, indent=2) + "\n")
     points = [(r["consistency"], r["perplexity"]) for r in records]
     plot_pareto(points, [r["number"] for r in records], idx, chosen, run_dir / "pareto.png")
     best_text = (run_dir / TRIALS_DIR / f"{summary['pick']:04d}.yml").read_text()
-    _write_atomic(run_dir / "best.yml", best_text)
+    write_atomic(run_dir / "best.yml", best_text)
     model_dir = None
     if merge_best:
         model_dir = run_dir / "model"
@@ -219,7 +223,7 @@ def tune(
         if not (model_dir.is_dir() and marker.exists() and json.loads(marker.read_text()) == wanted):
             merge(run_dir / "best.yml", model_dir, device=device, force=True, quiet=quiet,
                   cache_dir=run_dir / "cache", out_shard_size=out_shard_size)  # fmt: skip
-            _write_atomic(marker, json.dumps(wanted) + "\n")
+            write_atomic(marker, json.dumps(wanted) + "\n")
     return TuneResult(
         run_dir=run_dir,
         records=records,
@@ -245,7 +249,7 @@ def _run_trials(recipe, spec, checkpoints, run_dir, records, tuner, *, device, q
         number = next_number(run_dir, records)
         point = tuner.ask()
         trial = trial_recipe(recipe, spec.space, point)
-        _write_atomic(run_dir / TRIALS_DIR / f"{number:04d}.yml", trial.to_yaml())
+        write_atomic(run_dir / TRIALS_DIR / f"{number:04d}.yml", trial.to_yaml())
         _, update_seconds = candidate.apply(trial)
         scores = score(
             candidate.model,
