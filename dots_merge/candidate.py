@@ -27,9 +27,9 @@ from mergekit.options import MergeOptions
 
 from dots_merge.checkpoints import Checkpoint
 from dots_merge.errors import DotsMergeError
-from dots_merge.merging import _plan, output_dtype, prepare
+from dots_merge.merging import _plan, needs_prepass, output_dtype, with_factors, with_output_dtype
 from dots_merge.method import METHOD_NAME, kernel_context, nonfinite_error, rescale_factor_for
-from dots_merge.prepass import Prepass
+from dots_merge.prepass import Prepass, run_prepass
 from dots_merge.recipe import Recipe
 from dots_merge.sparsify import NonFiniteTaskVector, keep_count, norm_ratio, sparse_task_vector
 
@@ -79,8 +79,18 @@ class ResidentCandidate:
     def apply(self, recipe: Recipe) -> tuple[Recipe, float]:
         """Write `recipe`'s merged weights into the model; returns the recipe actually used and seconds."""
         started = time.perf_counter()
-        used, prepass = prepare(recipe, self.checkpoints, self.options, cache_dir=self.cache_dir)
+        used = with_output_dtype(recipe, self.checkpoints)
         config, _, _, targets = _plan(used, self.options)
+        prepass, factors = Prepass(), None
+        if needs_prepass(used):  # the factors go to the arithmetic directly: no second plan
+            prepass = run_prepass(
+                list(targets),
+                fingerprints={name: c.fingerprint() for name, c in self.checkpoints.items()},
+                cache_dir=self.cache_dir,
+                device=self.options.device,
+            )
+            factors = prepass.factors
+            used = with_factors(used, factors)
         missing = [w.name for w in targets.values() if w.name not in self.state]
         if missing:
             raise DotsMergeError(f"the model class loaded for the base has no parameter {missing[0]!r}")
@@ -91,7 +101,7 @@ class ResidentCandidate:
             self._in_use: set[tuple[str, str, int]] = set()
             for task, weight in targets.items():
                 if used.method == METHOD_NAME:
-                    result = self._dots_tensor(task, weight.name, config.dtype, prepass)
+                    result = self._dots_tensor(task, weight.name, config.dtype, prepass, factors)
                 else:
                     inputs = {
                         model: self._input(model, info, config.dtype)
@@ -101,14 +111,16 @@ class ResidentCandidate:
                 if result is None:
                     continue
                 out_dtype = dtype_from_name(weight.force_dtype or config.out_dtype)
-                if out_dtype is not None and result.is_floating_point():
+                if out_dtype is not None and result.is_floating_point() and out_dtype != self.state[weight.name].dtype:
                     result = result.to(out_dtype)
-                self.state[weight.name].data.copy_(result)
+                self.state[weight.name].data.copy_(result)  # the cast to the parameter's dtype happens here
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return used, time.perf_counter() - started
 
-    def _dots_tensor(self, task, name: str, dtype: str | None, prepass: Prepass) -> torch.Tensor:
+    def _dots_tensor(
+        self, task, name: str, dtype: str | None, prepass: Prepass, factors: Mapping[str, float] | None
+    ) -> torch.Tensor:
         """θ_base + Σ λ·f·S(τ) for one tensor, with the kernel's arithmetic and cached S(τ)."""
         infos = task.gather_tensors.weight_info
         base = self._input(task.base_model, infos[task.base_model], dtype)
@@ -116,8 +128,7 @@ class ResidentCandidate:
             return base
         base = base.to(self.device)
         rescale = task.parameters["rescale"]
-        out = torch.empty(base.numel(), dtype=torch.float32, device=self.device)
-        out.copy_(base.reshape(-1))
+        out = None
         for model in task.model_order:
             if model == task.base_model or model not in infos:
                 continue
@@ -136,10 +147,25 @@ class ResidentCandidate:
                 factor = tensor_factor
             elif rescale == "none":
                 factor = 1.0
+            elif factors is not None:
+                factor = factors[str(model)]
             else:
                 factor = rescale_factor_for(model, {model: params["rescale_factor"]})
-            out.add_(vector, alpha=params["weight"] * factor)
+            if out is None:  # base + first term in one pass, as the kernel's copy-then-add computes it
+                out = torch.add(self._base32(name, base), vector, alpha=params["weight"] * factor)
+            else:
+                out.add_(vector, alpha=params["weight"] * factor)
+        if out is None:
+            out = self._base32(name, base).clone()
         return out.view(base.shape)
+
+    def _base32(self, name: str, base: torch.Tensor) -> torch.Tensor:
+        """The base tensor as flat float32, kept under the vector budget when it fits."""
+        key = ("", name, -1)
+        if key in self._vectors:
+            self._in_use.add(key)
+            return self._vectors[key][0]
+        return self._keep(key, (base.reshape(-1).to(torch.float32), 1.0))[0]
 
     def _vector(
         self,
@@ -153,8 +179,8 @@ class ResidentCandidate:
         base_model: object,
     ) -> tuple[torch.Tensor, float]:
         """S(τ) (flat float32) and its per-tensor norm ratio, cached while the budget allows."""
-        self._in_use.add(key)
         if key in self._vectors:
+            self._in_use.add(key)
             self._vectors.move_to_end(key)
             return self._vectors[key]
         try:
@@ -168,13 +194,20 @@ class ResidentCandidate:
             )
         except NonFiniteTaskVector:
             raise nonfinite_error(key[1], base, base_model, key[0]) from None
-        value = (sparse.values, norm_ratio(sparse.squared_norm, sparse.squared_norm_kept) if norms else 1.0)
-        size = sparse.values.numel() * 4
+        return self._keep(
+            key, (sparse.values, norm_ratio(sparse.squared_norm, sparse.squared_norm_kept) if norms else 1.0)
+        )
+
+    def _keep(self, key: tuple[str, str, int], value: tuple[torch.Tensor, float]) -> tuple[torch.Tensor, float]:
+        """Cache `value` if it fits the budget, evicting what this trial does not use; return it either way."""
+        self._in_use.add(key)
+        size = value[0].numel() * value[0].element_size()
         while self._vector_bytes + size > self._vector_budget:
             stale = next((k for k in self._vectors if k not in self._in_use), None)
             if stale is None:
                 return value
-            self._vector_bytes -= self._vectors.pop(stale)[0].numel() * 4
+            evicted = self._vectors.pop(stale)[0]
+            self._vector_bytes -= evicted.numel() * evicted.element_size()
         self._vectors[key] = value
         self._vector_bytes += size
         return value

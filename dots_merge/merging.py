@@ -110,7 +110,7 @@ def _needs_prepass(recipe: Recipe) -> bool:
     return not any("rescale_factor" in (e.get("parameters") or {}) for e in model_entries(recipe.data))
 
 
-def _with_factors(recipe: Recipe, factors: Mapping[str, float]) -> Recipe:
+def with_factors(recipe: Recipe, factors: Mapping[str, float]) -> Recipe:
     """The recipe with each fine-tune's global `rescale_factor` written in (the recipe actually used)."""
     used = recipe.copy()
     for entry in model_entries(used.data):
@@ -150,6 +150,19 @@ def output_dtype(recipe: Recipe, checkpoints: Mapping[str, Checkpoint]) -> str:
     )
 
 
+def with_output_dtype(recipe: Recipe, checkpoints: Mapping[str, Checkpoint]) -> Recipe:
+    """For `dots`, the recipe with an explicit `out_dtype` (the kernel returns float32)."""
+    used = recipe.copy()
+    if used.method == METHOD_NAME and not used.data.get("out_dtype"):
+        used.data["out_dtype"] = output_dtype(used, checkpoints)
+    return used
+
+
+def needs_prepass(recipe: Recipe) -> bool:
+    """`dots` with `rescale: global` and no `rescale_factor` given: whole-model norms are needed first."""
+    return _needs_prepass(recipe)
+
+
 def prepare(
     recipe: Recipe,
     checkpoints: Mapping[str, Checkpoint],
@@ -162,9 +175,7 @@ def prepare(
 
     The dots kernel returns float32; without `out_dtype` the output takes `dtype`, else the base's dtype.
     """
-    used = recipe.copy()
-    if used.method == METHOD_NAME and not used.data.get("out_dtype"):
-        used.data["out_dtype"] = output_dtype(used, checkpoints)
+    used = with_output_dtype(recipe, checkpoints)
     if not _needs_prepass(used):
         return used, Prepass()
     _, _, _, targets = _plan(used, options)
@@ -176,7 +187,7 @@ def prepare(
         check_finite=check_finite,
         quiet=options.quiet,
     )
-    return _with_factors(used, prepass.factors), prepass
+    return with_factors(used, prepass.factors), prepass
 
 
 def merge(

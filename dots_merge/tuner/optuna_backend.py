@@ -9,8 +9,11 @@ from dots_merge.tuner.base import Tuner
 class OptunaTuner(Tuner):
     name = "optuna"
 
-    def __init__(self, bounds, *, seed: int, initial=()):
+    def __init__(self, bounds, *, seed: int, initial=(), sampler: str = "auto"):
         super().__init__(bounds, seed=seed, initial=initial)
+        if sampler not in ("auto", "gp", "tpe"):
+            raise ValueError(f"unknown optuna sampler {sampler!r}")
+        self.sampler = sampler
         try:
             import optuna
         except ImportError:
@@ -28,7 +31,7 @@ class OptunaTuner(Tuner):
 
     def _sampler(self, k: int):
         samplers = self._optuna.samplers
-        if len(self.bounds) <= 10:
+        if self.sampler == "gp" or (self.sampler == "auto" and len(self.bounds) <= 10):
             return samplers.GPSampler(seed=self.seed + k, n_startup_trials=max(3, len(self.bounds) + 1))
         return samplers.TPESampler(seed=self.seed + k, multivariate=True)
 
