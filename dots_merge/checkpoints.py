@@ -179,7 +179,7 @@ def resolve_local_path(reference: str, revision: str | None = None) -> Path:
             huggingface_hub.snapshot_download(
                 reference,
                 revision=revision,
-                allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"],
+                allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt", "README.md"],
             )
         )
     except Exception as error:  # network, auth, not found: all user-fixable

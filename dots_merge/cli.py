@@ -101,6 +101,9 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-merge", action="store_true", help="stop after the search: no RUN_DIR/model")
     p.add_argument("--out-shard-size", default="5GB", metavar="SIZE", help="largest shard of RUN_DIR/model")
+    p.add_argument("--push", metavar="REPO_ID", help="publish RUN_DIR/model on the Hub when the run ends")
+    p.add_argument("--private", action="store_true", help="with --push: create the repo private")
+    p.add_argument("--include-queries", action="store_true", help="list the tuning prompts in the model card")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_tune)
 
@@ -120,6 +123,9 @@ def _run_tune(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         merge_best=not args.no_merge,
         out_shard_size=args.out_shard_size,
+        push=args.push,
+        private=args.private,
+        include_queries=args.include_queries,
     )
     best = next(r for r in result.records if r["number"] == result.pick)
     print(f"{len(result.records)} trials; Pareto front: {', '.join(f'#{n}' for n in result.front)}")
@@ -127,6 +133,8 @@ def _run_tune(args: argparse.Namespace) -> int:
           f"perplexity {best['perplexity']:.4f}  {best['params']}")  # fmt: skip
     if result.model_dir is not None:
         print(f"merged model: {result.model_dir}")
+    if result.push_url:
+        print(f"published: {result.push_url}")
     return 0
 
 
@@ -164,6 +172,41 @@ def _run_select(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_push(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("push", help="publish a merged model folder on the Hugging Face Hub")
+    p.add_argument("model_dir", help="a folder written by `dots-merge merge` or `tune` (RUN_DIR/model)")
+    p.add_argument("repo_id", help="name or org/name")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--revision", metavar="BRANCH", help="commit to this branch (created when missing)")
+    target.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    p.add_argument("--commit-message", metavar="TEXT", help="commit message")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the card metadata; no network")
+    p.set_defaults(run=_run_push)
+
+
+def _run_push(args: argparse.Namespace) -> int:
+    from dots_merge.hub import push
+
+    result = push(
+        args.model_dir,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        create_pr=args.create_pr,
+        commit_message=args.commit_message,
+        dry_run=args.dry_run,
+    )
+    print(result.plan.describe())
+    if args.dry_run:
+        print("dry run: nothing was sent")
+    elif result.pr_url:
+        print(f"pull request: {result.pr_url}")
+    else:
+        print(f"committed: {result.commit_url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dots_merge import __version__
 
@@ -178,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analyze(sub)
     _add_tune(sub)
     _add_queries(sub)
+    _add_push(sub)
     return parser
 
 

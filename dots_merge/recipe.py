@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -26,6 +27,8 @@ from dots_merge.errors import RecipeError
 from dots_merge.method import METHOD_NAME
 
 TUNE_KEY = "tune"
+HUB_IDS_KEY = "hub_ids"  # {model as written: Hub repo id} for the card of models given by local path
+EXTENSION_KEYS = (TUNE_KEY, HUB_IDS_KEY)
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
@@ -38,8 +41,8 @@ class Recipe:
 
     @property
     def merge_data(self) -> dict[str, Any]:
-        """The mergekit part of the recipe (everything but `tune`)."""
-        return {k: v for k, v in self.data.items() if k != TUNE_KEY}
+        """The mergekit part of the recipe (everything but `tune` and `hub_ids`)."""
+        return {k: v for k, v in self.data.items() if k not in EXTENSION_KEYS}
 
     @property
     def tune(self) -> dict[str, Any] | None:
@@ -54,7 +57,7 @@ class Recipe:
         return MergeConfiguration.model_validate(copy.deepcopy(self.merge_data))
 
     def to_yaml(self, *, include_tune: bool = True) -> str:
-        data = self.data if include_tune else self.merge_data
+        data = self.data if include_tune else {k: v for k, v in self.data.items() if k != TUNE_KEY}
         return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
 
     def copy(self) -> Recipe:
@@ -90,18 +93,20 @@ def parse_recipe(data: Any, *, source: str = "<recipe>") -> Recipe:
         raise RecipeError(f"{source}: merge_method: unknown method {method_name!r}{_did_you_mean(method_name, names)}")
     spec = merge_methods.get(method_name).spec
     checker = _Checker(source, {p.name: p for p in spec.parameters}, method_name)
-    checker.walk_model(MergeConfiguration, {k: v for k, v in data.items() if k != TUNE_KEY}, "", extra={TUNE_KEY})
+    merge_part = {k: v for k, v in data.items() if k not in EXTENSION_KEYS}
+    checker.walk_model(MergeConfiguration, merge_part, "", extra=set(EXTENSION_KEYS))
     if TUNE_KEY in data and not isinstance(data[TUNE_KEY], dict):
         raise RecipeError(f"{source}: {TUNE_KEY}: must be a mapping")
     for key in ("dtype", "out_dtype"):
         if key in data and data[key] not in DTYPES:
             raise RecipeError(f"{source}: {key}: must be one of {', '.join(DTYPES)}, got {data[key]!r}")
     try:
-        MergeConfiguration.model_validate(copy.deepcopy({k: v for k, v in data.items() if k != TUNE_KEY}))
+        MergeConfiguration.model_validate(copy.deepcopy(merge_part))
     except (pydantic.ValidationError, RuntimeError, ValueError) as error:
         raise RecipeError(f"{source}: {_pydantic_message(error)}") from None
     if method_name == METHOD_NAME:
         _check_dots(data, source)
+    _check_hub_ids(data, source)
     recipe = Recipe(data=data, source=source)
     if TUNE_KEY in data:
         from dots_merge.tune_spec import parse_tune
@@ -116,6 +121,22 @@ def _check_dots(data: Mapping[str, Any], source: str) -> None:
     rescale = (data.get("parameters") or {}).get("rescale", "global")
     if not isinstance(rescale, str):
         raise RecipeError(f"{source}: parameters.rescale: must be one plain value (global, tensor or none)")
+
+
+def _check_hub_ids(data: Mapping[str, Any], source: str) -> None:
+    hub_ids = data.get(HUB_IDS_KEY)
+    if hub_ids is None:
+        return
+    if not isinstance(hub_ids, dict):
+        raise RecipeError(f"{source}: {HUB_IDS_KEY}: a mapping of model (as written) to Hub repo id (org/name)")
+    known = {model_name(e["model"]) for e in model_entries(data)}
+    if data.get("base_model"):
+        known.add(model_name(data["base_model"]))
+    for model, repo in hub_ids.items():
+        if model not in known:
+            raise RecipeError(f"{source}: {HUB_IDS_KEY}.{model}: not a model of this recipe")
+        if not isinstance(repo, str) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo):
+            raise RecipeError(f"{source}: {HUB_IDS_KEY}.{model}: {repo!r} is not a Hub repo id (org/name)")
 
 
 class _Checker:

@@ -43,6 +43,7 @@ class TuneResult:
     rule: str
     model_dir: Path | None
     seconds: float
+    push_url: str | None = None
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -170,8 +171,12 @@ def tune(
     quiet: bool = False,
     merge_best: bool = True,
     out_shard_size: str = "5GB",
+    push: str | None = None,
+    private: bool = False,
+    include_queries: bool = False,
 ) -> TuneResult:
-    """Search the recipe's `tune.space` on its unlabeled queries, then merge the picked trial into RUN_DIR/model."""
+    """Search the recipe's `tune.space` on its unlabeled queries, then merge the picked trial into RUN_DIR/model
+    (with a card describing the search) and, with `push`, publish it as that Hub repo."""
     from dots_merge.merging import as_recipe, inspect_models, merge, resolve_device
     from dots_merge.plots import plot_pareto
     from dots_merge.tune_spec import BACKENDS, parse_tune, trial_recipe
@@ -194,6 +199,13 @@ def tune(
     require_tokenizer(next(iter(checkpoints.values())))
     if spec.backend == "optuna":
         from dots_merge.tuner.optuna_backend import OptunaTuner  # noqa: F401  (fails early without the extra)
+    if push is not None:
+        from dots_merge.hub import authenticate, check_repo_id
+
+        if not merge_best:
+            raise DotsMergeError("--push needs the merged model: drop --no-merge")
+        check_repo_id(push)
+        authenticate()  # fail fast, before the first trial
 
     run_dir = Path(run_dir)
     _open_run(run_dir, _identity(recipe, spec.seed, spec.backend), resume)
@@ -224,6 +236,13 @@ def tune(
             merge(run_dir / "best.yml", model_dir, device=device, force=True, quiet=quiet,
                   cache_dir=run_dir / "cache", out_shard_size=out_shard_size)  # fmt: skip
             write_atomic(marker, json.dumps(wanted) + "\n")
+        _write_card(model_dir, run_dir, records, summary, spec, checkpoints, include_queries)
+    push_url = None
+    if push is not None:
+        from dots_merge.hub import push as publish
+
+        published = publish(model_dir, push, private=private)
+        push_url = published.commit_url
     return TuneResult(
         run_dir=run_dir,
         records=records,
@@ -232,7 +251,32 @@ def tune(
         rule=spec.pick,
         model_dir=model_dir,
         seconds=time.perf_counter() - started,
+        push_url=push_url,
     )
+
+
+def _write_card(model_dir, run_dir, records, summary, spec, checkpoints, include_queries: bool) -> None:
+    """Replace the merge's card with one that also describes the search, and put pareto.png beside it."""
+    import shutil
+
+    from dots_merge.card import TuningSummary, render_card
+    from dots_merge.recipe import load_recipe
+
+    by_number = {r["number"]: r for r in records}
+    tuning = TuningSummary(
+        front=[by_number[n] for n in summary["front"]],
+        pick=by_number[summary["pick"]],
+        rule=summary["rule"],
+        hypervolume=summary["hypervolume"],
+        trials=len(records),
+        seconds=sum(r["seconds"]["total"] for r in records),
+        queries=spec.queries,
+        include_queries=include_queries,
+        labels=spec.labels,
+    )
+    shutil.copy(run_dir / "pareto.png", model_dir / "pareto.png")
+    used = load_recipe(model_dir / "mergekit_config.yml")
+    write_atomic(model_dir / "README.md", render_card(used, list(checkpoints.values()), tuning=tuning))
 
 
 def _run_trials(recipe, spec, checkpoints, run_dir, records, tuner, *, device, quiet, trial_recipe) -> None:
