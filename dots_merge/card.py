@@ -16,6 +16,7 @@ from dots_merge.method import METHOD_NAME, PAPER_URL
 from dots_merge.recipe import Recipe, model_entries, model_name
 
 LOG = logging.getLogger(__name__)
+_WARNED: set[tuple[str, ...]] = set()  # local models already warned about in this process
 TAGS = ["merge", "mergekit", "dots-merge"]
 PAPER = (
     f"[Decouple before Integration: Test-time Synthesis of SFT and RLVR Task Vectors (arXiv 2605.00610)]({PAPER_URL})"
@@ -65,7 +66,8 @@ def base_model_ids(checkpoints: Sequence[Checkpoint], hub_ids: Mapping[str, str]
             local.append(ckpt.reference)
         elif repo not in ids:
             ids.append(repo)
-    if local:
+    if local and tuple(local) not in _WARNED:
+        _WARNED.add(tuple(local))
         LOG.warning(
             "model card: base_model leaves out %s (local paths with no Hub id; map them with `hub_ids:`)",
             ", ".join(local),

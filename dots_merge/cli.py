@@ -207,6 +207,29 @@ def _run_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline offline on a toy trio it trains itself")
+    p.add_argument("--out", metavar="DIR", help="working folder (default: ~/.cache/dots-merge/demo/full|quick)")
+    p.add_argument("--quick", action="store_true", help="smaller trio and fewer trials (about a minute)")
+    p.add_argument("--trials", type=int, help="tuning trials (default 24; 8 with --quick)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rebuild", action="store_true", help="train the trio again even if a matching one is cached")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dots_merge.demo.pipeline import run_demo
+
+    if args.trials is not None and args.trials < 1:
+        raise DotsMergeError(f"--trials: must be at least 1, got {args.trials}")
+    run_demo(Path(args.out) if args.out else None, quick=args.quick, trials=args.trials, seed=args.seed,
+             rebuild=args.rebuild, quiet=args.quiet)  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dots_merge import __version__
 
@@ -222,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tune(sub)
     _add_queries(sub)
     _add_push(sub)
+    _add_demo(sub)
     return parser
 
 

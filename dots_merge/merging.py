@@ -101,7 +101,8 @@ def resolve_device(device: str) -> str:
     raise DotsMergeError(f"--device {device}: use cpu or cuda")
 
 
-def _needs_prepass(recipe: Recipe) -> bool:
+def needs_prepass(recipe: Recipe) -> bool:
+    """`dots` with `rescale: global` and no `rescale_factor` given: whole-model norms are needed first."""
     if recipe.method != METHOD_NAME:
         return False
     params = recipe.data.get("parameters") or {}
@@ -158,11 +159,6 @@ def with_output_dtype(recipe: Recipe, checkpoints: Mapping[str, Checkpoint]) -> 
     return used
 
 
-def needs_prepass(recipe: Recipe) -> bool:
-    """`dots` with `rescale: global` and no `rescale_factor` given: whole-model norms are needed first."""
-    return _needs_prepass(recipe)
-
-
 def prepare(
     recipe: Recipe,
     checkpoints: Mapping[str, Checkpoint],
@@ -176,7 +172,7 @@ def prepare(
     The dots kernel returns float32; without `out_dtype` the output takes `dtype`, else the base's dtype.
     """
     used = with_output_dtype(recipe, checkpoints)
-    if not _needs_prepass(used):
+    if not needs_prepass(used):
         return used, Prepass()
     _, _, _, targets = _plan(used, options)
     prepass = run_prepass(

@@ -1,0 +1,1 @@
+"""`dots-merge demo`: the whole pipeline offline on a toy trio it trains itself."""
