@@ -35,7 +35,7 @@ def bench_trial(work: Path, trials: int) -> dict:
     import dots_merge
     from dots_merge.candidate import ResidentCandidate
     from dots_merge.merging import inspect_models
-    from dots_merge.objectives import answer_comparator, make_extractor, score
+    from dots_merge.objectives import Generation, answer_comparator, make_extractor, score
     from dots_merge.recipe import parse_recipe
     from dots_merge.toy import build_trio
     from dots_merge.tune_spec import Dimension, trial_recipe
@@ -70,8 +70,8 @@ def bench_trial(work: Path, trials: int) -> dict:
         lam = [1.0 + 0.1 * t, 1.0 - 0.05 * t]
         started = time.perf_counter()
         _, update = candidate.apply(trial_recipe(recipe, space, lam))
-        s = score(candidate.model, candidate.tokenizer, queries, suffix="", extract=extract, equal=equal, samples=7,
-                  temperature=0.6, top_p=1.0, max_new_tokens=64, batch_size=16, seed=0)  # fmt: skip
+        s = score(candidate.model, candidate.tokenizer, queries, suffix="", extract=extract, equal=equal,
+                  generation=Generation(samples=7, temperature=0.6, max_new_tokens=64, batch_size=16), seed=0)  # fmt: skip
         total = time.perf_counter() - started
         rows.append(
             {"update": update, "generation": s.seconds_generation, "perplexity": s.seconds_perplexity, "total": total}

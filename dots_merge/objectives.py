@@ -16,6 +16,19 @@ from fractions import Fraction
 import torch
 
 ANSWER_RULES = ("auto", "boxed", "last_number")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """How the answers of a consistency measurement are sampled (method.md §5; the reference's defaults)."""
+
+    samples: int = 7
+    temperature: float = 0.6
+    top_p: float = 1.0
+    max_new_tokens: int = 1024
+    batch_size: int = 8
+
+
 _NUMBER = r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?|-?\.\d+"
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 _ANSWER_IS = re.compile(r"answer is[:\s]*([^\n]*)", re.IGNORECASE)
@@ -166,6 +179,18 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
+def pad_batch(ids: Sequence[Sequence[int]], pad: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token lists padded to one width, on the left (generation) or right."""
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        span = slice(width - len(x), width) if left else slice(0, len(x))
+        input_ids[i, span] = torch.tensor(list(x), dtype=torch.long)
+        mask[i, span] = 1
+    return input_ids, mask
+
+
 @torch.no_grad()
 def query_nll(model, tokenizer, queries: Sequence[str], *, batch_size: int = 8) -> list[float]:
     """Mean token negative log-likelihood of each query wrapped as a user turn (teacher forcing)."""
@@ -174,12 +199,7 @@ def query_nll(model, tokenizer, queries: Sequence[str], *, batch_size: int = 8) 
     pad = _pad_id(tokenizer)
     for start in range(0, len(queries), batch_size):
         ids = [chat_prompt(tokenizer, q) for q in queries[start : start + batch_size]]
-        width = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, x in enumerate(ids):
-            input_ids[i, : len(x)] = torch.tensor(x)
-            mask[i, : len(x)] = 1
+        input_ids, mask = pad_batch(ids, pad, left=False)
         input_ids, mask = input_ids.to(device), mask.to(device)
         logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
         nll = torch.nn.functional.cross_entropy(
@@ -215,12 +235,8 @@ def generate_answers(
     out: list[list[str]] = []
     for start in range(0, len(prompts), batch_size):
         ids = [chat_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
-        width = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, x in enumerate(ids):
-            input_ids[i, width - len(x) :] = torch.tensor(x)
-            mask[i, width - len(x) :] = 1
+        input_ids, mask = pad_batch(ids, pad, left=True)
+        width = input_ids.shape[1]
         torch.manual_seed(seed + start)
         sampling = temperature > 0
         generated = model.generate(
@@ -261,32 +277,29 @@ def score(
     suffix: str,
     extract: Callable[[str], str | None],
     equal: Callable[[str, str], bool],
-    samples: int,
-    temperature: float,
-    top_p: float,
-    max_new_tokens: int,
-    batch_size: int,
+    generation: Generation,
     seed: int,
     with_perplexity: bool = True,
 ) -> Scores:
     """Consistency of `samples` answers per query (prompt = query + suffix) and perplexity of the bare queries."""
     started = time.perf_counter()
     prompts = [f"{q}\n{suffix}" if suffix else q for q in queries]
+    g = generation
     completions = generate_answers(
         model,
         tokenizer,
         prompts,
-        samples=samples,
-        temperature=temperature,
-        top_p=top_p,
-        max_new_tokens=max_new_tokens,
+        samples=g.samples,
+        temperature=g.temperature,
+        top_p=g.top_p,
+        max_new_tokens=g.max_new_tokens,
         seed=seed,
-        batch_size=batch_size,
+        batch_size=g.batch_size,
     )
     answers = [[extract(text) for text in texts] for texts in completions]
     per_query = [consistency(a, equal) for a in answers]
     generated = time.perf_counter()
-    nlls = query_nll(model, tokenizer, queries, batch_size=batch_size) if with_perplexity else []
+    nlls = query_nll(model, tokenizer, queries, batch_size=g.batch_size) if with_perplexity else []
     return Scores(
         consistency=sum(per_query) / len(per_query),
         perplexity=perplexity(nlls) if nlls else math.nan,

@@ -8,6 +8,7 @@ same number is drawn from the easy and the hard half.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -52,10 +53,10 @@ def select_queries(
     """Score every pool prompt with each fine-tune alone, choose `n`, write them as JSONL to `out`."""
     from dots_merge.candidate import ResidentCandidate
     from dots_merge.merging import as_recipe, inspect_models, resolve_device
-    from dots_merge.objectives import answer_comparator, make_extractor, score
+    from dots_merge.objectives import Generation, answer_comparator, make_extractor, score
     from dots_merge.prepass import default_cache_dir
     from dots_merge.recipe import model_entries, model_name
-    from dots_merge.tune_spec import DEFAULT_SUFFIX, Dimension, Generation, parse_tune, read_queries, trial_recipe
+    from dots_merge.tune_spec import DEFAULT_SUFFIX, Dimension, parse_tune, read_queries, trial_recipe
     from dots_merge.tuning import require_tokenizer, write_atomic
 
     if n < 1:
@@ -88,11 +89,7 @@ def select_queries(
             suffix=spec.prompt_suffix if spec else DEFAULT_SUFFIX,
             extract=extract,
             equal=equal,
-            samples=samples,
-            temperature=generation.temperature,
-            top_p=generation.top_p,
-            max_new_tokens=generation.max_new_tokens,
-            batch_size=generation.batch_size,
+            generation=dataclasses.replace(generation, samples=samples),
             seed=seed,
             with_perplexity=False,
         )

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dots_merge.errors import RecipeError
-from dots_merge.objectives import ANSWER_RULES
+from dots_merge.objectives import ANSWER_RULES, Generation
 from dots_merge.pareto import PICK_RULES
 from dots_merge.recipe import Recipe, model_entries, model_name
 
@@ -41,15 +41,6 @@ class Dimension:
     def label(self) -> str:
         name = f"{Path(self.model).name or self.model}.{self.param}"
         return f"{name}[{self.filter}]" if self.filter else name
-
-
-@dataclass(frozen=True)
-class Generation:
-    samples: int = 7
-    temperature: float = 0.6
-    top_p: float = 1.0
-    max_new_tokens: int = 1024
-    batch_size: int = 8
 
 
 @dataclass

@@ -286,7 +286,6 @@ def _run_trials(recipe, spec, checkpoints, run_dir, records, tuner, *, device, q
     candidate = ResidentCandidate(recipe, checkpoints, device=device, cache_dir=run_dir / "cache")
     extract = make_extractor(spec.answer)
     comparator, equal = answer_comparator(spec.compare)
-    g = spec.generation
     progress = tqdm.tqdm(total=spec.trials, initial=len(records), desc="Tuning", unit="trial", disable=quiet)
     while len(records) < spec.trials:
         t0 = time.perf_counter()
@@ -302,11 +301,7 @@ def _run_trials(recipe, spec, checkpoints, run_dir, records, tuner, *, device, q
             suffix=spec.prompt_suffix,
             extract=extract,
             equal=equal,
-            samples=g.samples,
-            temperature=g.temperature,
-            top_p=g.top_p,
-            max_new_tokens=g.max_new_tokens,
-            batch_size=g.batch_size,
+            generation=spec.generation,
             seed=spec.seed,
         )
         record = {

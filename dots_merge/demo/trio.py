@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from dots_merge.demo.data import EASY, FAMILIES, HARD, Problem, training_stream
-from dots_merge.objectives import chat_prompt, extract_answer, normalize_answer
+from dots_merge.objectives import chat_prompt, extract_answer, normalize_answer, pad_batch
 
 CHARS = "0123456789+-*= \n\\boxed{}"
 RLVR_FAMILIES = ("sub2", "mul21")  # partly solved by the base: room for the verifier's reward to sharpen
@@ -180,13 +180,8 @@ def _grpo(model, tok, prompts, cfg: TrioConfig, log) -> None:
     pad = tok.pad_token_id
     for step in range(cfg.rlvr_steps):
         problems = [next(prompts) for _ in range(cfg.rlvr_prompts)]
-        ids = [chat_prompt(tok, p.query) for p in problems]
-        width = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), width), pad)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, x in enumerate(ids):
-            input_ids[i, width - len(x) :] = torch.tensor(x)
-            mask[i, width - len(x) :] = 1
+        input_ids, mask = pad_batch([chat_prompt(tok, p.query) for p in problems], pad, left=True)
+        width = input_ids.shape[1]
         model.eval()
         torch.manual_seed(cfg.seed + 1000 + step)
         with torch.no_grad():
