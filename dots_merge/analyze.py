@@ -12,7 +12,6 @@ import itertools
 import json
 import math
 import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from mergekit.options import MergeOptions
 
 from dots_merge.diagnostics import MODULE_TYPES, NO_LAYER, PairCounts, layer_of, module_type, pair_counts
 from dots_merge.errors import DotsMergeError
+from dots_merge.fileio import write_atomic
 from dots_merge.merging import as_recipe, inspect_models, resolve_device
 from dots_merge.method import nonfinite_error
 from dots_merge.plots import pyplot, save_figure
@@ -180,12 +180,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 def write_json(report: dict[str, Any], path: Path) -> None:
     """Write the report atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(report, indent=2) + "\n")
 
 
 def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:

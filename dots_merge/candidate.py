@@ -27,7 +27,7 @@ from mergekit.options import MergeOptions
 
 from dots_merge.checkpoints import Checkpoint
 from dots_merge.errors import DotsMergeError
-from dots_merge.merging import _plan, needs_prepass, output_dtype, with_factors, with_output_dtype
+from dots_merge.merging import needs_prepass, output_dtype, plan_tasks, with_factors, with_output_dtype
 from dots_merge.method import METHOD_NAME, kernel_context, nonfinite_error, rescale_factor_for
 from dots_merge.prepass import Prepass, run_prepass
 from dots_merge.recipe import Recipe
@@ -80,7 +80,7 @@ class ResidentCandidate:
         """Write `recipe`'s merged weights into the model; returns the recipe actually used and seconds."""
         started = time.perf_counter()
         used = with_output_dtype(recipe, self.checkpoints)
-        config, _, _, targets = _plan(used, self.options)
+        config, _, _, targets = plan_tasks(used, self.options)
         prepass, factors = Prepass(), None
         if needs_prepass(used):  # the factors go to the arithmetic directly: no second plan
             prepass = run_prepass(

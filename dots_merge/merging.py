@@ -122,7 +122,7 @@ def with_factors(recipe: Recipe, factors: Mapping[str, float]) -> Recipe:
     return used
 
 
-def _plan(recipe: Recipe, options: MergeOptions) -> tuple[Any, Any, MergePlanner, dict[Task, WeightInfo]]:
+def plan_tasks(recipe: Recipe, options: MergeOptions) -> tuple[Any, Any, MergePlanner, dict[Task, WeightInfo]]:
     """mergekit's plan: one merge task per output tensor (its `plan_in_memory` fails in 0.1.5)."""
     config = recipe.merge_config()
     arch_info = get_architecture_info(config, options)
@@ -174,7 +174,7 @@ def prepare(
     used = with_output_dtype(recipe, checkpoints)
     if not needs_prepass(used):
         return used, Prepass()
-    _, _, _, targets = _plan(used, options)
+    _, _, _, targets = plan_tasks(used, options)
     prepass = run_prepass(
         list(targets),
         fingerprints={name: c.fingerprint() for name, c in checkpoints.items()},
@@ -264,7 +264,7 @@ def _write_model(
     *,
     check_finite: bool,
 ) -> None:
-    config, arch_info, planner, targets = _plan(recipe, options)
+    config, arch_info, planner, targets = plan_tasks(recipe, options)
     tasks: list[Any] = list(targets)
     if planner._tokenizer_task is not None:
         tasks.append(planner._tokenizer_task)

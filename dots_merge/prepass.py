@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import tqdm
 from mergekit.graph import Executor
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 
+from dots_merge.fileio import write_atomic
 from dots_merge.method import SelectionKey, nonfinite_error
 from dots_merge.sparsify import NonFiniteTaskVector, TopK, norm_ratio, sparse_task_vector
 
@@ -108,7 +108,7 @@ def run_prepass(
                 LOG.warning("ignoring unreadable pre-pass cache %s", cache_file)
     result = _compute(tasks, device=device, check_finite=check_finite, quiet=quiet)
     if cache_file is not None:
-        _write_atomic(cache_file, json.dumps(result.to_json()))
+        write_atomic(cache_file, json.dumps(result.to_json()))
     return result
 
 
@@ -156,11 +156,3 @@ def _accumulate(task: ExecuteMergeMethodTask, tensors: dict, result: Prepass, *,
         result.squared_norms[key] += sparse.squared_norm
         result.squared_norms_kept[key] += sparse.squared_norm_kept
         result.selections[(key, name, sparse.selection.k)] = sparse.selection
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -52,12 +52,13 @@ def select_queries(
 ) -> list[dict[str, Any]]:
     """Score every pool prompt with each fine-tune alone, choose `n`, write them as JSONL to `out`."""
     from dots_merge.candidate import ResidentCandidate
+    from dots_merge.fileio import write_atomic
     from dots_merge.merging import as_recipe, inspect_models, resolve_device
     from dots_merge.objectives import Generation, answer_comparator, make_extractor, score
     from dots_merge.prepass import default_cache_dir
     from dots_merge.recipe import model_entries, model_name
     from dots_merge.tune_spec import DEFAULT_SUFFIX, Dimension, parse_tune, read_queries, trial_recipe
-    from dots_merge.tuning import require_tokenizer, write_atomic
+    from dots_merge.tuning import require_tokenizer
 
     if n < 1:
         raise DotsMergeError(f"--n: must be at least 1, got {n}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import tqdm
 
 from dots_merge.errors import DotsMergeError, RecipeError
+from dots_merge.fileio import write_atomic
 from dots_merge.pareto import front, hypervolume, pick, reference_point
 from dots_merge.recipe import Recipe
 
@@ -44,16 +44,6 @@ class TuneResult:
     model_dir: Path | None
     seconds: float
     push_url: str | None = None
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def require_tokenizer(base) -> None:
