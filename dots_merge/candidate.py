@@ -6,15 +6,18 @@ trial evaluates are bit for bit those `dots-merge merge` writes for that recipe,
 clean base every time (no add/subtract drift) and never written to disk.
 
 For `dots`, each sparsified task vector S(τ) (and its per-tensor factor) is computed once per
-(model, tensor, k) and kept while it fits in `vector_budget` bytes (on the device): a trial that only
-changes λ is then one pass of additions. Vectors that do not fit are recomputed from the inputs, which are
-read memory-mapped from their safetensors files (on a GPU, copied to the device once when they fit in
-`device_budget` bytes). Either way the arithmetic is the kernel's, so the result does not change.
+(model, tensor, k) and kept on the device while it fits in `vector_budget` bytes; the ones that do not fit
+are written to `spill_dir` (RUN_DIR/cache/vectors during a tune) and read back memory-mapped. A trial that
+only changes λ is then one pass of additions. Without a `spill_dir` they are recomputed from the inputs,
+which are read memory-mapped from their safetensors files (on a GPU, copied to the device once when they
+fit in `device_budget` bytes). Either way the arithmetic is the kernel's, so the result does not change.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import shutil
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -24,6 +27,8 @@ import torch
 from mergekit.common import dtype_from_name
 from mergekit.io.tasks import LoaderCache, LoadTensor
 from mergekit.options import MergeOptions
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from dots_merge.checkpoints import Checkpoint
 from dots_merge.errors import DotsMergeError
@@ -48,6 +53,7 @@ class ResidentCandidate:
         cache_dir: Path | None = None,
         device_budget: int | None = None,
         vector_budget: int | None = None,
+        spill_dir: Path | None = None,
         trust_remote_code: bool = False,
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -73,6 +79,10 @@ class ResidentCandidate:
         self._vectors: OrderedDict[tuple[str, str, int], tuple[torch.Tensor, float]] = OrderedDict()
         self._vector_budget = _default_vector_budget(self.device) if vector_budget is None else vector_budget
         self._vector_bytes = 0
+        self._spill_dir = spill_dir
+        self._spilled: dict[tuple[str, str, int], tuple[Path, float]] = {}
+        if spill_dir is not None:  # vectors spilled by an earlier session may be stale
+            shutil.rmtree(spill_dir, ignore_errors=True)
         LoaderCache.loaders.clear()
         LoaderCache().setup(options=self.options)
 
@@ -183,6 +193,10 @@ class ResidentCandidate:
             self._in_use.add(key)
             self._vectors.move_to_end(key)
             return self._vectors[key]
+        if key in self._spilled:
+            path, factor = self._spilled[key]
+            with safe_open(str(path), framework="pt") as f:
+                return f.get_tensor("values").to(self.device), factor  # memory-mapped on the CPU
         try:
             sparse = sparse_task_vector(
                 base,
@@ -205,12 +219,22 @@ class ResidentCandidate:
         while self._vector_bytes + size > self._vector_budget:
             stale = next((k for k in self._vectors if k not in self._in_use), None)
             if stale is None:
+                self._spill(key, value)
                 return value
             evicted = self._vectors.pop(stale)[0]
             self._vector_bytes -= evicted.numel() * evicted.element_size()
         self._vectors[key] = value
         self._vector_bytes += size
         return value
+
+    def _spill(self, key: tuple[str, str, int], value: tuple[torch.Tensor, float]) -> None:
+        """Write a task vector that does not fit in memory to `spill_dir` (base tensors are not spilled)."""
+        if self._spill_dir is None or key[2] < 0:
+            return
+        self._spill_dir.mkdir(parents=True, exist_ok=True)
+        path = self._spill_dir / f"{hashlib.sha256(repr(key).encode()).hexdigest()[:24]}.safetensors"
+        save_file({"values": value[0].detach().to("cpu").contiguous()}, str(path))
+        self._spilled[key] = (path, value[1])
 
     def _input(self, model, info, dtype: str | None) -> torch.Tensor | None:
         key = (str(model), info.name)

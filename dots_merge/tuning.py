@@ -273,7 +273,9 @@ def _run_trials(recipe, spec, checkpoints, run_dir, records, tuner, *, device, q
     from dots_merge.candidate import ResidentCandidate
     from dots_merge.objectives import answer_comparator, make_extractor, score
 
-    candidate = ResidentCandidate(recipe, checkpoints, device=device, cache_dir=run_dir / "cache")
+    candidate = ResidentCandidate(
+        recipe, checkpoints, device=device, cache_dir=run_dir / "cache", spill_dir=run_dir / "cache" / "vectors"
+    )
     extract = make_extractor(spec.answer)
     comparator, equal = answer_comparator(spec.compare)
     progress = tqdm.tqdm(total=spec.trials, initial=len(records), desc="Tuning", unit="trial", disable=quiet)

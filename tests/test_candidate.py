@@ -17,7 +17,7 @@ from tests.reference import load_state
     ("trio_name", "rescale", "vector_budget"),
     [("llama_trio", "global", None), ("qwen_trio", "global", None), ("llama_trio", "tensor", None),
      ("llama_trio", "none", None), ("qwen_trio", "global", 0)],
-    ids=["llama-global", "qwen-bf16-global", "tensor", "none", "no-vector-cache"],
+    ids=["llama-global", "qwen-bf16-global", "tensor", "none", "spilled-to-disk"],
 )  # fmt: skip
 def test_trial_weights_equal_the_merge_bitwise(request, tmp_path, trio_name, rescale, vector_budget):
     trio = request.getfixturevalue(trio_name)
@@ -28,8 +28,13 @@ def test_trial_weights_equal_the_merge_bitwise(request, tmp_path, trio_name, res
         "density": 0.5,
     }
     recipes = [parse_recipe(first), parse_recipe(second)]
+    spill = tmp_path / "vectors" if vector_budget == 0 else None
     candidate = ResidentCandidate(
-        recipes[0], inspect_models(recipes[0]), cache_dir=tmp_path / "cache", vector_budget=vector_budget
+        recipes[0],
+        inspect_models(recipes[0]),
+        cache_dir=tmp_path / "cache",
+        vector_budget=vector_budget,
+        spill_dir=spill,
     )
     for i, recipe in enumerate([*recipes, recipes[0]]):  # back to the first: no drift
         used, seconds = candidate.apply(recipe)
@@ -40,5 +45,7 @@ def test_trial_weights_equal_the_merge_bitwise(request, tmp_path, trio_name, res
         for name, tensor in merged.items():
             assert weights[name].dtype == tensor.dtype, name
             assert torch.equal(weights[name], tensor), name
+        if spill is not None:  # nothing fits in memory: every task vector went to disk and is read back
+            assert len(list(spill.glob("*.safetensors"))) == len(candidate._spilled) > 0
         if trio_name == "qwen_trio":
             assert candidate.model.lm_head.weight.data_ptr() == candidate.model.model.embed_tokens.weight.data_ptr()
