@@ -80,6 +80,7 @@ class ResidentCandidate:
         self._vector_budget = _default_vector_budget(self.device) if vector_budget is None else vector_budget
         self._vector_bytes = 0
         self._spill_dir = spill_dir
+        self._out: torch.Tensor | None = None
         self._spilled: dict[tuple[str, str, int], tuple[Path, float]] = {}
         if spill_dir is not None:  # vectors spilled by an earlier session may be stale
             shutil.rmtree(spill_dir, ignore_errors=True)
@@ -162,12 +163,20 @@ class ResidentCandidate:
             else:
                 factor = rescale_factor_for(model, {model: params["rescale_factor"]})
             if out is None:  # base + first term in one pass, as the kernel's copy-then-add computes it
-                out = torch.add(self._base32(name, base), vector, alpha=params["weight"] * factor)
+                out = torch.add(
+                    self._base32(name, base), vector, alpha=params["weight"] * factor, out=self._scratch(base.numel())
+                )
             else:
                 out.add_(vector, alpha=params["weight"] * factor)
         if out is None:
             out = self._base32(name, base).clone()
         return out.view(base.shape)
+
+    def _scratch(self, numel: int) -> torch.Tensor:
+        """A reused float32 buffer for one tensor's result: fresh allocations would page-fault every trial."""
+        if self._out is None or self._out.numel() < numel:
+            self._out = torch.empty(numel, dtype=torch.float32, device=self.device)
+        return self._out[:numel]
 
     def _base32(self, name: str, base: torch.Tensor) -> torch.Tensor:
         """The base tensor as flat float32, kept under the vector budget when it fits."""
