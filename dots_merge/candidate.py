@@ -32,9 +32,16 @@ from safetensors.torch import save_file
 
 from dots_merge.checkpoints import Checkpoint
 from dots_merge.errors import DotsMergeError
-from dots_merge.merging import needs_prepass, output_dtype, plan_tasks, with_factors, with_output_dtype
+from dots_merge.merging import (
+    global_prepass,
+    needs_prepass,
+    output_dtype,
+    plan_tasks,
+    with_factors,
+    with_output_dtype,
+)
 from dots_merge.method import METHOD_NAME, kernel_context, nonfinite_error, rescale_factor_for
-from dots_merge.prepass import Prepass, run_prepass
+from dots_merge.prepass import Prepass
 from dots_merge.recipe import Recipe
 from dots_merge.sparsify import NonFiniteTaskVector, keep_count, norm_ratio, sparse_task_vector
 
@@ -81,6 +88,7 @@ class ResidentCandidate:
         self._vector_bytes = 0
         self._spill_dir = spill_dir
         self._out: torch.Tensor | None = None
+        self._in_use: set[tuple[str, str, int]] = set()  # cache keys the current trial uses (not evicted)
         self._spilled: dict[tuple[str, str, int], tuple[Path, float]] = {}
         if spill_dir is not None:  # vectors spilled by an earlier session may be stale
             shutil.rmtree(spill_dir, ignore_errors=True)
@@ -94,12 +102,7 @@ class ResidentCandidate:
         config, _, _, targets = plan_tasks(used, self.options)
         prepass, factors = Prepass(), None
         if needs_prepass(used):  # the factors go to the arithmetic directly: no second plan
-            prepass = run_prepass(
-                list(targets),
-                fingerprints={name: c.fingerprint() for name, c in self.checkpoints.items()},
-                cache_dir=self.cache_dir,
-                device=self.options.device,
-            )
+            prepass = global_prepass(targets, self.checkpoints, self.options, cache_dir=self.cache_dir)
             factors = prepass.factors
             used = with_factors(used, factors)
         missing = [w.name for w in targets.values() if w.name not in self.state]
@@ -109,7 +112,7 @@ class ResidentCandidate:
             torch.no_grad(),
             kernel_context(selections=prepass.selections, inputs_checked=bool(prepass.selections)),
         ):
-            self._in_use: set[tuple[str, str, int]] = set()
+            self._in_use = set()
             for task, weight in targets.items():
                 if used.method == METHOD_NAME:
                     result = self._dots_tensor(task, weight.name, config.dtype, prepass, factors)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,6 @@ class PushResult:
     commit_url: str | None = None
     pr_url: str | None = None
     user: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _size(n: int) -> str:

@@ -159,6 +159,25 @@ def with_output_dtype(recipe: Recipe, checkpoints: Mapping[str, Checkpoint]) -> 
     return used
 
 
+def global_prepass(
+    targets: Mapping[Task, WeightInfo],
+    checkpoints: Mapping[str, Checkpoint],
+    options: MergeOptions,
+    *,
+    cache_dir: Path | None,
+    check_finite: bool = True,
+) -> Prepass:
+    """The whole-model norms and selections of `rescale: global` for a planned merge (cached)."""
+    return run_prepass(
+        list(targets),
+        fingerprints={name: c.fingerprint() for name, c in checkpoints.items()},
+        cache_dir=cache_dir,
+        device=options.device,
+        check_finite=check_finite,
+        quiet=options.quiet,
+    )
+
+
 def prepare(
     recipe: Recipe,
     checkpoints: Mapping[str, Checkpoint],
@@ -175,14 +194,7 @@ def prepare(
     if not needs_prepass(used):
         return used, Prepass()
     _, _, _, targets = plan_tasks(used, options)
-    prepass = run_prepass(
-        list(targets),
-        fingerprints={name: c.fingerprint() for name, c in checkpoints.items()},
-        cache_dir=cache_dir,
-        device=options.device,
-        check_finite=check_finite,
-        quiet=options.quiet,
-    )
+    prepass = global_prepass(targets, checkpoints, options, cache_dir=cache_dir, check_finite=check_finite)
     return with_factors(used, prepass.factors), prepass
 
 
@@ -298,14 +310,12 @@ def _write_model(
         pad = config.tokenizer.pad_to_multiple_of if config.tokenizer else None
         _update_config_vocab(cfg_out, arch_info, tokenizer, pad_to_multiple_of=pad)
     cfg_out.save_pretrained(str(tmp))
+    donor = _donor(config, checkpoints)
     if tokenizer is not None:
         _set_chat_template(tokenizer, config)
         tokenizer.save_pretrained(str(tmp))
-    else:
-        donor = _donor(config, checkpoints)
-        if donor is not None and any((donor.path / f).is_file() for f in TOKENIZER_FILES):
-            _copy_tokenizer(config, str(tmp), options=options)
-    donor = _donor(config, checkpoints)
+    elif donor is not None and any((donor.path / f).is_file() for f in TOKENIZER_FILES):
+        _copy_tokenizer(config, str(tmp), options=options)
     if donor is not None and (donor.path / "generation_config.json").is_file():
         shutil.copy(donor.path / "generation_config.json", tmp / "generation_config.json")
     _copy_tagalong_files(config, str(tmp), files=arch_info.tagalong_files or [], options=options)

@@ -6,7 +6,6 @@ Everything runs offline on the CPU. The held-out test labels are used for the ac
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -245,7 +244,3 @@ def _markdown(report: dict[str, Any], plan: str) -> str:
             "",
         ]
     )
-
-
-if __name__ == "__main__":  # pragma: no cover
-    run_demo(Path(os.environ.get("DEMO_DIR", "dots-demo")), quick=True)
