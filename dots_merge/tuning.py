@@ -169,7 +169,7 @@ def tune(
     (with a card describing the search) and, with `push`, publish it as that Hub repo."""
     from dots_merge.merging import as_recipe, inspect_models, merge, resolve_device
     from dots_merge.plots import plot_pareto
-    from dots_merge.tune_spec import BACKENDS, parse_tune, trial_recipe
+    from dots_merge.tune_spec import BACKENDS, parse_tune
 
     started = time.perf_counter()
     recipe = as_recipe(recipe)
@@ -206,9 +206,7 @@ def tune(
     tuner.load([(r["point"], (r["consistency"], r["perplexity"])) for r in records])
 
     if len(records) < spec.trials:
-        _run_trials(
-            recipe, spec, checkpoints, run_dir, records, tuner, device=device, quiet=quiet, trial_recipe=trial_recipe
-        )
+        _run_trials(recipe, spec, checkpoints, run_dir, records, tuner, device=device, quiet=quiet)
 
     summary = _summary(records, spec.pick)
     idx, chosen = summary.pop("_indices")
@@ -269,9 +267,10 @@ def _write_card(model_dir, run_dir, records, summary, spec, checkpoints, include
     write_atomic(model_dir / "README.md", render_card(used, list(checkpoints.values()), tuning=tuning))
 
 
-def _run_trials(recipe, spec, checkpoints, run_dir, records, tuner, *, device, quiet, trial_recipe) -> None:
+def _run_trials(recipe, spec, checkpoints, run_dir, records, tuner, *, device, quiet) -> None:
     from dots_merge.candidate import ResidentCandidate
     from dots_merge.objectives import answer_comparator, make_extractor, score
+    from dots_merge.tune_spec import trial_recipe
 
     candidate = ResidentCandidate(
         recipe, checkpoints, device=device, cache_dir=run_dir / "cache", spill_dir=run_dir / "cache" / "vectors"
