@@ -105,6 +105,14 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--private", action="store_true", help="with --push: create the repo private")
     p.add_argument("--include-queries", action="store_true", help="list the tuning prompts in the model card")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("sharing one study between GPUs or machines (--backend optuna)")
+    g.add_argument("--storage", metavar="URL",
+                   help="optuna storage: sqlite:///RUN_DIR/study.db (default) or postgresql://USER@HOST/DB")  # fmt: skip
+    g.add_argument("--study", metavar="NAME", help="study name in the storage (default: from the recipe and models)")
+    g.add_argument("--worker", action="store_true",
+                   help="only evaluate trials of the study the main process started, until its budget is done")  # fmt: skip
+    g.add_argument("--heartbeat", type=int, default=60, metavar="SECONDS",
+                   help="a trial whose worker is silent for twice this long is retried by another (default 60)")  # fmt: skip
     p.set_defaults(run=_run_tune)
 
 
@@ -126,7 +134,17 @@ def _run_tune(args: argparse.Namespace) -> int:
         push=args.push,
         private=args.private,
         include_queries=args.include_queries,
+        storage=args.storage,
+        study=args.study,
+        worker=args.worker,
+        heartbeat=args.heartbeat,
     )
+    if result.pick is None:
+        print(f"worker: evaluated {result.evaluated} trials of study {result.study}; "
+              f"it holds {len(result.records)} finished trials")  # fmt: skip
+        return 0
+    if result.study:
+        print(f"study {result.study}: this process evaluated {result.evaluated} of its trials")
     best = next(r for r in result.records if r["number"] == result.pick)
     print(f"{len(result.records)} trials; Pareto front: {', '.join(f'#{n}' for n in result.front)}")
     print(f"pick ({result.rule}): trial #{result.pick}  consistency {best['consistency']:.4f}  "

@@ -7,6 +7,10 @@ Run folder:
     pareto.json, pareto.png, best.yml, model/   written when the budget is reached
 A run killed at any point resumes with `--resume`: finished trials are kept, numbers are never reused, the
 tuner is rebuilt from trials.jsonl, and only what is missing is redone.
+
+With `--backend optuna` the trials live in an optuna storage (RUN_DIR/study.db, or `--storage URL`), which
+`--worker` processes on other GPUs or machines share (`dots_merge.study`); trials.jsonl and trials/ are then
+written from the storage, so the run folder looks the same.
 """
 
 from __future__ import annotations
@@ -23,27 +27,29 @@ import tqdm
 
 from dots_merge.errors import DotsMergeError, RecipeError
 from dots_merge.fileio import write_atomic
+from dots_merge.identity import first_difference, portable_identity, run_identity
 from dots_merge.pareto import front, hypervolume, pick, reference_point
 from dots_merge.recipe import Recipe
 
 LOG = logging.getLogger(__name__)
 RUN_FILE, TRIALS_FILE, TRIALS_DIR = "run.json", "trials.jsonl", "trials"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-_RESUMABLE_KEYS = ("trials", "pick")  # may change between a run and its resume
 
 
 @dataclass
 class TuneResult:
-    """What a tuning run produced."""
+    """What a tuning run produced (a worker's: the records it saw, no front, pick or model)."""
 
     run_dir: Path
     records: list[dict[str, Any]]
-    front: list[int]  # trial numbers
-    pick: int  # trial number
+    front: list[int] | None  # trial numbers
+    pick: int | None  # trial number
     rule: str
     model_dir: Path | None
     seconds: float
     push_url: str | None = None
+    evaluated: int = 0  # trials this process evaluated
+    study: str | None = None  # "NAME in URL" (password hidden) for a shared study
 
 
 def require_tokenizer(base) -> None:
@@ -92,43 +98,27 @@ def next_number(run_dir: Path, records: list[dict[str, Any]]) -> int:
     return max(used, default=-1) + 1
 
 
-def _identity(recipe: Recipe, seed: int, backend: str) -> dict[str, Any]:
-    data = json.loads(json.dumps(recipe.data))
-    for key in _RESUMABLE_KEYS:
-        (data.get("tune") or {}).pop(key, None)
-    return {"recipe": data, "seed": seed, "backend": backend}
-
-
-def _first_difference(a: Any, b: Any, where: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b), key=str):
-            if a.get(key) != b.get(key):
-                return _first_difference(a.get(key), b.get(key), f"{where}.{key}" if where else str(key))
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            if x != y:
-                return _first_difference(x, y, f"{where}[{i}]")
-    return where or "(whole recipe)"
-
-
-def _open_run(run_dir: Path, identity: dict[str, Any], resume: bool) -> None:
+def _open_run(run_dir: Path, identity: dict[str, Any], resume: bool, shared: dict[str, str] | None = None) -> None:
+    """Check or write run.json. A run on a shared study (`shared`: its storage and name) may find the folder
+    already set up by a worker on this machine; whether the study may be continued is then the study's call."""
     run_file = run_dir / RUN_FILE
-    if resume:
-        if not run_file.exists():
-            raise DotsMergeError(f"{run_dir}: no {RUN_FILE}; nothing to resume (drop --resume to start a run)")
+    if run_file.exists() and (resume or shared is not None):
         before = json.loads(run_file.read_text())
         if before.get("identity") != identity:
-            where = _first_difference(before.get("identity"), identity)
+            where = first_difference(before.get("identity"), identity)
             raise DotsMergeError(
                 f"{run_dir}: this run was started from a different recipe or settings ({where} changed); "
                 "start a new run with another --out"
             )
         return
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if resume and shared is None:
+        raise DotsMergeError(f"{run_dir}: no {RUN_FILE}; nothing to resume (drop --resume to start a run)")
+    if shared is None and run_dir.exists() and any(run_dir.iterdir()):
         raise DotsMergeError(f"{run_dir}: exists and is not empty (pass --resume to continue that run)")
     from dots_merge import __version__
 
-    write_atomic(run_file, json.dumps({"identity": identity, "dots_merge": __version__}, indent=2) + "\n")
+    info = {"identity": identity, "dots_merge": __version__, **({"study": shared} if shared else {})}
+    write_atomic(run_file, json.dumps(info, indent=2) + "\n")
 
 
 def _summary(records: list[dict[str, Any]], rule: str) -> dict[str, Any]:
@@ -164,11 +154,17 @@ def tune(
     push: str | None = None,
     private: bool = False,
     include_queries: bool = False,
+    storage: str | None = None,
+    study: str | None = None,
+    worker: bool = False,
+    heartbeat: int = 60,
 ) -> TuneResult:
     """Search the recipe's `tune.space` on its unlabeled queries, then merge the picked trial into RUN_DIR/model
-    (with a card describing the search) and, with `push`, publish it as that Hub repo."""
-    from dots_merge.merging import as_recipe, inspect_models, merge, resolve_device
-    from dots_merge.plots import plot_pareto
+    (with a card describing the search) and, with `push`, publish it as that Hub repo.
+
+    With backend optuna the trials live in `storage` (default RUN_DIR/study.db); processes started with
+    `worker=True` on the same study only evaluate trials until it holds `trials` finished ones."""
+    from dots_merge.merging import as_recipe, inspect_models, resolve_device
     from dots_merge.tune_spec import BACKENDS, parse_tune
 
     started = time.perf_counter()
@@ -184,11 +180,12 @@ def tune(
             raise RecipeError(f"--backend: must be one of {', '.join(BACKENDS)}")
         spec.backend = backend
     spec.pick = pick_rule or spec.pick
+    shared = spec.backend == "optuna"
+    _check_shared_options(shared, storage=storage, study=study, worker=worker, heartbeat=heartbeat,
+                          trials=trials, resume=resume, push=push)  # fmt: skip
     device = resolve_device(device)
     checkpoints = inspect_models(recipe)
     require_tokenizer(next(iter(checkpoints.values())))
-    if spec.backend == "optuna":
-        from dots_merge.tuner.optuna_backend import OptunaTuner  # noqa: F401  (fails early without the extra)
     if push is not None:
         from dots_merge.hub import authenticate, check_repo_id
 
@@ -198,15 +195,65 @@ def tune(
         authenticate()  # fail fast, before the first trial
 
     run_dir = Path(run_dir)
-    _open_run(run_dir, _identity(recipe, spec.seed, spec.backend), resume)
-    records = read_records(run_dir)
-    from dots_merge.tuner import make_tuner
+    identity = run_identity(recipe, spec.seed, spec.backend)
+    if not shared:
+        _open_run(run_dir, identity, resume)
+        records = read_records(run_dir)
+        from dots_merge.tuner import make_tuner
 
-    tuner = make_tuner(spec.backend, [(d.low, d.high) for d in spec.space], seed=spec.seed, initial=spec.initial)
-    tuner.load([(r["point"], (r["consistency"], r["perplexity"])) for r in records])
+        tuner = make_tuner(spec.backend, [(d.low, d.high) for d in spec.space], seed=spec.seed, initial=spec.initial)
+        tuner.load([(r["point"], (r["consistency"], r["perplexity"])) for r in records])
+        evaluated = len(records)
+        if len(records) < spec.trials:
+            _run_local(recipe, spec, checkpoints, run_dir, records, tuner, device=device, quiet=quiet)
+        evaluated = len(records) - evaluated
+        where = None
+    else:
+        from dots_merge.identity import digest
+        from dots_merge.study import SharedStudy, default_storage, redact
 
-    if len(records) < spec.trials:
-        _run_trials(recipe, spec, checkpoints, run_dir, records, tuner, device=device, quiet=quiet)
+        portable = portable_identity(recipe, checkpoints, spec.queries, spec.seed, spec.backend)
+        url = storage or default_storage(run_dir)
+        name = study or f"dots-merge-{digest(portable)}"
+        _open_run(run_dir, identity, resume, shared={"storage": redact(url), "name": name})
+        mode = "join" if worker else ("resume" if resume else "create")
+        where = f"{name} in {redact(url)}"
+        shared_study = SharedStudy.open(
+            url, name, identity=portable, mode=mode, bounds=[(d.low, d.high) for d in spec.space], seed=spec.seed,
+            heartbeat=heartbeat, budget=None if worker else spec.trials, initial=spec.initial,
+        )  # fmt: skip
+        evaluated = _run_shared(recipe, spec, checkpoints, run_dir, shared_study, device=device, quiet=quiet)
+        records = shared_study.records()
+        _write_run_files(run_dir, recipe, spec, records)
+        if worker:
+            return TuneResult(run_dir=run_dir, records=records, front=None, pick=None, rule=spec.pick, model_dir=None,
+                              seconds=time.perf_counter() - started, evaluated=evaluated, study=where)  # fmt: skip
+    return _finish(recipe, spec, checkpoints, run_dir, records, started, evaluated=evaluated, study=where,
+                   device=device, quiet=quiet, merge_best=merge_best, out_shard_size=out_shard_size, push=push,
+                   private=private, include_queries=include_queries)  # fmt: skip
+
+
+def _check_shared_options(shared: bool, *, storage, study, worker, heartbeat, trials, resume, push) -> None:
+    if not shared:
+        for flag, value in (("--storage", storage), ("--study", study), ("--worker", worker)):
+            if value:
+                raise RecipeError(f"{flag}: needs --backend optuna (the bayes and random backends run in one process)")
+        return
+    if heartbeat < 1:
+        raise RecipeError(f"--heartbeat: must be at least 1 second, got {heartbeat}")
+    if worker:
+        for flag, value in (("--trials", trials), ("--resume", resume), ("--push", push)):
+            if value:
+                raise RecipeError(
+                    f"{flag}: not for a --worker (the main process sets the budget, resumes, merges and pushes)"
+                )
+
+
+def _finish(recipe, spec, checkpoints, run_dir, records, started, *, evaluated, study, device, quiet, merge_best,
+            out_shard_size, push, private, include_queries) -> TuneResult:  # fmt: skip
+    """The Pareto front, the pick, best.yml, the merged model with its card, and the push."""
+    from dots_merge.merging import merge
+    from dots_merge.plots import plot_pareto
 
     summary = _summary(records, spec.pick)
     idx, chosen = summary.pop("_indices")
@@ -240,6 +287,8 @@ def tune(
         model_dir=model_dir,
         seconds=time.perf_counter() - started,
         push_url=push_url,
+        evaluated=evaluated,
+        study=study,
     )
 
 
@@ -267,35 +316,40 @@ def _write_card(model_dir, run_dir, records, summary, spec, checkpoints, include
     write_atomic(model_dir / "README.md", render_card(used, list(checkpoints.values()), tuning=tuning))
 
 
-def _run_trials(recipe, spec, checkpoints, run_dir, records, tuner, *, device, quiet) -> None:
-    from dots_merge.candidate import ResidentCandidate
-    from dots_merge.objectives import answer_comparator, make_extractor, score
-    from dots_merge.tune_spec import trial_recipe
+class _Evaluator:
+    """Applies a trial's coefficients to the resident candidate and scores it: one record per trial."""
 
-    candidate = ResidentCandidate(
-        recipe, checkpoints, device=device, cache_dir=run_dir / "cache", spill_dir=run_dir / "cache" / "vectors"
-    )
-    extract = make_extractor(spec.answer)
-    comparator, equal = answer_comparator(spec.compare)
-    progress = tqdm.tqdm(total=spec.trials, initial=len(records), desc="Tuning", unit="trial", disable=quiet)
-    while len(records) < spec.trials:
+    def __init__(self, recipe, spec, checkpoints, run_dir: Path, *, device: str, spill_dir: Path):
+        from dots_merge.candidate import ResidentCandidate
+        from dots_merge.objectives import answer_comparator, make_extractor
+
+        self.recipe, self.spec, self.run_dir = recipe, spec, run_dir
+        self.candidate = ResidentCandidate(
+            recipe, checkpoints, device=device, cache_dir=run_dir / "cache", spill_dir=spill_dir
+        )
+        self.extract = make_extractor(spec.answer)
+        self.comparator, self.equal = answer_comparator(spec.compare)
+
+    def __call__(self, number: int, point: list[float]) -> dict[str, Any]:
+        from dots_merge.objectives import score
+        from dots_merge.tune_spec import trial_recipe
+
         t0 = time.perf_counter()
-        number = next_number(run_dir, records)
-        point = tuner.ask()
-        trial = trial_recipe(recipe, spec.space, point)
-        write_atomic(run_dir / TRIALS_DIR / f"{number:04d}.yml", trial.to_yaml())
-        _, update_seconds = candidate.apply(trial)
+        spec = self.spec
+        trial = trial_recipe(self.recipe, spec.space, point)
+        write_atomic(self.run_dir / TRIALS_DIR / f"{number:04d}.yml", trial.to_yaml())
+        _, update_seconds = self.candidate.apply(trial)
         scores = score(
-            candidate.model,
-            candidate.tokenizer,
+            self.candidate.model,
+            self.candidate.tokenizer,
             spec.queries,
             suffix=spec.prompt_suffix,
-            extract=extract,
-            equal=equal,
+            extract=self.extract,
+            equal=self.equal,
             generation=spec.generation,
             seed=spec.seed,
         )
-        record = {
+        return {
             "number": number,
             "params": dict(zip(spec.labels, point, strict=True)),
             "point": point,
@@ -304,7 +358,7 @@ def _run_trials(recipe, spec, checkpoints, run_dir, records, tuner, *, device, q
             "per_query_consistency": scores.per_query_consistency,
             "per_query_nll": scores.per_query_nll,
             "answers": scores.answers,
-            "comparator": comparator,
+            "comparator": self.comparator,
             "seconds": {
                 "update": update_seconds,
                 "generation": scores.seconds_generation,
@@ -312,12 +366,78 @@ def _run_trials(recipe, spec, checkpoints, run_dir, records, tuner, *, device, q
                 "total": time.perf_counter() - t0,
             },
         }
+
+
+def _progress(spec, done: int, quiet: bool):
+    return tqdm.tqdm(total=spec.trials, initial=done, desc="Tuning", unit="trial", disable=quiet)
+
+
+def _show_best(progress, records, rule: str) -> None:
+    best = records[pick([(r["consistency"], r["perplexity"]) for r in records], rule)]
+    progress.set_postfix_str(f"{rule} #{best['number']} c={best['consistency']:.3f} ppl={best['perplexity']:.3g}")
+
+
+def _run_local(recipe, spec, checkpoints, run_dir, records, tuner, *, device, quiet) -> None:
+    evaluate = _Evaluator(recipe, spec, checkpoints, run_dir, device=device, spill_dir=run_dir / "cache" / "vectors")
+    progress = _progress(spec, len(records), quiet)
+    while len(records) < spec.trials:
+        number = next_number(run_dir, records)
+        point = tuner.ask()
+        record = evaluate(number, point)
         append_record(run_dir, record)
         records.append(record)
-        tuner.tell(point, (scores.consistency, scores.perplexity))
-        best = records[pick([(r["consistency"], r["perplexity"]) for r in records], spec.pick)]
-        progress.set_postfix_str(
-            f"{spec.pick} #{best['number']} c={best['consistency']:.3f} ppl={best['perplexity']:.3g}"
-        )
+        tuner.tell(point, (record["consistency"], record["perplexity"]))
+        _show_best(progress, records, spec.pick)
         progress.update(1)
     progress.close()
+
+
+def _run_shared(recipe, spec, checkpoints, run_dir, study, *, device, quiet) -> int:
+    """Claim and evaluate trials until the study holds its budget of finished trials; returns how many this
+    process evaluated. Waits (without evaluating) while other workers run the last trials, and takes over a
+    trial whose worker died."""
+    import shutil
+
+    if study.done():
+        return 0
+    spill = run_dir / "cache" / "vectors" / f"{study.worker.host}-{study.worker.pid}"
+    evaluate = _Evaluator(recipe, spec, checkpoints, run_dir, device=device, spill_dir=spill)
+    progress = _progress(spec, len(study.finished()), quiet)
+    evaluated = 0
+    try:
+        while not study.done():
+            claim = study.claim()
+            if claim is None:
+                progress.n = len(study.finished())
+                progress.refresh()
+                time.sleep(study.poll_interval())
+                continue
+            try:
+                record = evaluate(claim.number, claim.point)
+            except BaseException as exc:
+                study.fail(claim, f"{type(exc).__name__}: {exc}")
+                raise
+            record["retry_of"] = claim.retry_of
+            if study.complete(claim, record):
+                evaluated += 1
+                records = study.records()
+                _write_run_files(run_dir, recipe, spec, records)
+                progress.total = study.budget
+                progress.n = len(records)
+                _show_best(progress, records, spec.pick)
+                progress.refresh()
+    finally:
+        progress.close()
+        shutil.rmtree(spill, ignore_errors=True)
+    return evaluated
+
+
+def _write_run_files(run_dir: Path, recipe, spec, records: list[dict[str, Any]]) -> None:
+    """trials/NNNN.yml and trials.jsonl from a shared study's records, as a single process writes them."""
+    from dots_merge.tune_spec import trial_recipe
+
+    for r in records:
+        path = run_dir / TRIALS_DIR / f"{r['number']:04d}.yml"
+        if not path.exists():
+            write_atomic(path, trial_recipe(recipe, spec.space, r["point"]).to_yaml())
+    write_atomic(run_dir / TRIALS_FILE, "".join(json.dumps(r) + "\n" for r in records))

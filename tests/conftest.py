@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import glob
+import os
 import shutil
+import socket
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -63,3 +68,43 @@ def dots_recipe(trio: dict[str, Path], **extra) -> dict:
     }
     data.update(extra)
     return data
+
+
+def _postgres_bin() -> Path | None:
+    found = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))[::-1]), None)
+    return Path(found).resolve().parent if found else None
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A real PostgreSQL server on 127.0.0.1 for the session: `$DOTS_MERGE_TEST_POSTGRES` if set, else one started
+    here from the installed server (Debian's postgresql package; `.ci/run` installs it). Skipped when there is
+    none, unless `$DOTS_MERGE_REQUIRE_POSTGRES` is set (CI), where that is an error."""
+    if os.environ.get("DOTS_MERGE_TEST_POSTGRES"):
+        yield os.environ["DOTS_MERGE_TEST_POSTGRES"]
+        return
+    bindir = _postgres_bin()
+    if bindir is None:
+        if os.environ.get("DOTS_MERGE_REQUIRE_POSTGRES"):
+            pytest.fail("no PostgreSQL server installed (initdb not found)")
+        pytest.skip("no PostgreSQL server installed (apt-get install postgresql)")
+    data = Path(tempfile.mkdtemp(prefix="dots-merge-pg-"))
+    run_as: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        shutil.chown(data, "postgres", "postgres")
+        run_as = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "check": True}
+    subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(data / "db"), "-U", "postgres", "--auth=trust",
+                    "-E", "UTF8"], **quiet)  # fmt: skip
+    options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off"
+    subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data / "db"), "-o", options, "-l",
+                    str(data / "server.log"), "-w", "start"], **quiet)  # fmt: skip
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data / "db"), "-m", "immediate", "stop"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        shutil.rmtree(data, ignore_errors=True)

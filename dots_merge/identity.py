@@ -1,0 +1,64 @@
+"""What makes two tuning runs the same run: checked by `--resume`, and by every process joining a shared study."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from dots_merge.checkpoints import Checkpoint
+from dots_merge.recipe import Recipe
+
+RESUMABLE_KEYS = ("trials", "pick")  # may change between a run and its resume
+
+
+def _settings(recipe: Recipe) -> dict[str, Any]:
+    data = json.loads(json.dumps(recipe.data))
+    for key in RESUMABLE_KEYS:
+        (data.get("tune") or {}).pop(key, None)
+    return data
+
+
+def run_identity(recipe: Recipe, seed: int, backend: str) -> dict[str, Any]:
+    """The recipe as written (minus what a resume may change), the seed and the backend."""
+    return {"recipe": _settings(recipe), "seed": seed, "backend": backend}
+
+
+def portable_identity(
+    recipe: Recipe, checkpoints: Mapping[str, Checkpoint], queries: list[str], seed: int, backend: str
+) -> dict[str, Any]:
+    """`run_identity` with every model path replaced by a digest of its weights and the queries file by a digest
+    of its prompts: the same on every machine that holds the same checkpoints and prompts, wherever they are."""
+    names = {ref: f"<weights {ckpt.content_digest()[:16]}>" for ref, ckpt in checkpoints.items()}
+
+    def swap(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: swap(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [swap(v) for v in value]
+        return names.get(value, value) if isinstance(value, str) else value
+
+    data = swap(_settings(recipe))
+    if isinstance(data.get("tune"), dict):
+        prompts = hashlib.sha256(json.dumps(queries).encode()).hexdigest()[:16]
+        data["tune"]["queries"] = f"<{len(queries)} prompts {prompts}>"
+    return {"recipe": data, "seed": seed, "backend": backend}
+
+
+def digest(identity: Mapping[str, Any]) -> str:
+    """A short stable hash of an identity."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def first_difference(a: Any, b: Any, where: str = "") -> str:
+    """The dotted path of the first place two JSON-like values differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            if a.get(key) != b.get(key):
+                return first_difference(a.get(key), b.get(key), f"{where}.{key}" if where else str(key))
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            if x != y:
+                return first_difference(x, y, f"{where}[{i}]")
+    return where or "(whole recipe)"
