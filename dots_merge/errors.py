@@ -20,3 +20,7 @@ class NonFiniteError(ModelInputError):
 
 class OutputExistsError(DotsMergeError):
     """The output folder exists and is not empty."""
+
+
+class RunMismatchError(DotsMergeError):
+    """A run folder (or shared study) was started from another recipe, other weights, queries or settings."""

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dots_merge.errors import DotsMergeError
+from dots_merge.errors import DotsMergeError, RunMismatchError
 from dots_merge.identity import first_difference
 from dots_merge.tuner.optuna_backend import distributions, import_optuna, sampler_factory
 
@@ -262,7 +262,7 @@ class SharedStudy:
                 if before is None:
                     raise DotsMergeError(f"{where} was not made by dots-merge; use another --study")
                 changed = first_difference(before, identity)
-                raise DotsMergeError(
+                raise RunMismatchError(
                     f"{where} was started from a different recipe, models, queries or settings ({changed} differs)"
                 )
         if budget is not None:

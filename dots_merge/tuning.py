@@ -25,7 +25,7 @@ from typing import Any
 
 import tqdm
 
-from dots_merge.errors import DotsMergeError, RecipeError
+from dots_merge.errors import DotsMergeError, RecipeError, RunMismatchError
 from dots_merge.fileio import write_atomic
 from dots_merge.identity import first_difference, portable_identity, run_identity
 from dots_merge.pareto import front, hypervolume, pick, reference_point
@@ -106,7 +106,7 @@ def _open_run(run_dir: Path, identity: dict[str, Any], resume: bool, shared: dic
         before = json.loads(run_file.read_text())
         if before.get("identity") != identity:
             where = first_difference(before.get("identity"), identity)
-            raise DotsMergeError(
+            raise RunMismatchError(
                 f"{run_dir}: this run was started from a different recipe or settings ({where} changed); "
                 "start a new run with another --out"
             )
@@ -195,7 +195,7 @@ def tune(
         authenticate()  # fail fast, before the first trial
 
     run_dir = Path(run_dir)
-    identity = run_identity(recipe, spec.seed, spec.backend)
+    identity = run_identity(recipe, checkpoints, spec.queries, spec.seed, spec.backend)
     if not shared:
         _open_run(run_dir, identity, resume)
         records = read_records(run_dir)

@@ -170,3 +170,18 @@ def test_base_without_tokenizer(llama_trio, tmp_path, capsys):
     assert run_tune(str(recipe), "--out", str(tmp_path / "run")) == 2
     assert "no tokenizer" in capsys.readouterr().err
     assert run_tune(str(recipe), "--out", str(tmp_path / "run"), "--trials", "0") == 2
+
+
+def test_resume_refuses_retrained_weights_at_the_same_paths(llama_trio, tmp_path, capsys):
+    trio = {k: shutil.copytree(v, tmp_path / k) for k, v in llama_trio.items()}
+    recipe = write_recipe(tmp_path / "recipe.yml", tune_recipe(trio, tmp_path, trials=2))
+    run = tmp_path / "run"
+    assert run_tune(str(recipe), "--out", str(run), "--no-merge") == 0
+    state = load_state(trio["rlvr"])
+    state = {k: v * 1.01 for k, v in state.items()}
+    from safetensors.torch import save_file
+
+    save_file(state, trio["rlvr"] / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    assert run_tune(str(recipe), "--out", str(run), "--resume", "--trials", "3") == 2
+    assert "weights." in capsys.readouterr().err

@@ -6,6 +6,7 @@ Everything runs offline on the CPU. The held-out test labels are used for the ac
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ import yaml
 
 from dots_merge.demo import trio as trio_mod
 from dots_merge.demo.data import FAMILIES, Problem, splits
+from dots_merge.errors import RunMismatchError
 
 BASELINES = {"task_arithmetic": "task_arithmetic", "ties": "ties", "dare": "dare_linear"}  # report name → mergekit
 
@@ -125,6 +127,7 @@ def run_demo(
     marker = root / "trio" / "trio.json"
     if rebuild or not marker.exists() or json.loads(marker.read_text()) != key:
         log("building the toy trio (trained on this CPU) ...")
+        shutil.rmtree(root / "run", ignore_errors=True)  # a tune of the previous trio
         trio_mod.build(root / "trio", settings["trio"], set(data["_held_out"]), log=log)
         marker.write_text(json.dumps(key))
     else:
@@ -147,7 +150,11 @@ def run_demo(
     stage("queries", t0)
 
     t0 = time.perf_counter()
-    result = tune(recipe_path, root / "run", resume=(root / "run" / "run.json").exists(), quiet=quiet)
+    try:
+        result = tune(recipe_path, root / "run", resume=(root / "run" / "run.json").exists(), quiet=quiet)
+    except RunMismatchError:  # the demo's own run folder, from other settings or an older version: start anew
+        shutil.rmtree(root / "run")
+        result = tune(recipe_path, root / "run", quiet=quiet)
     stage("tune", t0)
 
     t0 = time.perf_counter()

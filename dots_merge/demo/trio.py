@@ -2,14 +2,17 @@
 
 - base: pretrained on plain equations of every family and on chat-formatted problems answered with the
   bare number, mostly easy ones (so it knows the chat format, and the hard families only a little in it);
-- SFT (breadth): fine-tuned from base on demonstrations of every family;
-- RLVR (depth): from base, GRPO-style policy gradient with the verifier's reward (exact answer) on the
-  families the base already partly solves (subtraction, multiplication): groups of sampled answers per
-  prompt, each weighted by its reward minus the group mean.
+- SFT (breadth): fine-tuned from base on demonstrations of the families that have them (addition,
+  3-digit addition, multiplication);
+- RLVR (depth): from base, rejection-sampling fine-tuning with the verifier's reward (exact answer) on
+  subtraction, the family that comes with a verifier and no demonstrations (as RLVR data does in the
+  paper's setting): rounds of sampling 8 answers per problem, keeping the ones the verifier accepts and
+  fine-tuning on them. The base partly solves subtraction, so there is room for the reward to sharpen it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import asdict, dataclass
@@ -18,10 +21,11 @@ from pathlib import Path
 import torch
 
 from dots_merge.demo.data import EASY, FAMILIES, HARD, Problem, training_stream
-from dots_merge.objectives import chat_prompt, extract_answer, normalize_answer, pad_batch
+from dots_merge.objectives import chat_prompt, extract_answer, normalize_answer
 
 CHARS = "0123456789+-*= \n\\boxed{}"
-RLVR_FAMILIES = ("sub2", "mul21")  # partly solved by the base: room for the verifier's reward to sharpen
+SFT_FAMILIES = ("add2", "add3", "mul21")  # the families with demonstrations
+RLVR_FAMILIES = ("sub2",)  # a verifier only; partly solved by the base: room for the reward to sharpen
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -36,19 +40,20 @@ class TrioConfig:
     intermediate: int
     pretrain_steps: int
     sft_steps: int
-    rlvr_steps: int
+    rlvr_rounds: int
     rlvr_prompts: int
     rlvr_samples: int
+    rlvr_steps: int  # fine-tuning steps per round
     rlvr_lr: float
     batch: int
     heads: int = 4
     seed: int = 0
 
 
-FULL = TrioConfig(hidden=128, layers=4, intermediate=384, pretrain_steps=1500, sft_steps=300, rlvr_steps=400,
-                  rlvr_prompts=32, rlvr_samples=8, rlvr_lr=5e-5, batch=128)  # fmt: skip
-QUICK = TrioConfig(hidden=96, layers=3, intermediate=288, pretrain_steps=600, sft_steps=80, rlvr_steps=30,
-                   rlvr_prompts=16, rlvr_samples=8, rlvr_lr=5e-5, batch=96)  # fmt: skip
+FULL = TrioConfig(hidden=128, layers=4, intermediate=384, pretrain_steps=1500, sft_steps=300, rlvr_rounds=6,
+                  rlvr_prompts=512, rlvr_samples=8, rlvr_steps=40, rlvr_lr=1e-4, batch=128)  # fmt: skip
+QUICK = TrioConfig(hidden=96, layers=3, intermediate=288, pretrain_steps=600, sft_steps=80, rlvr_rounds=2,
+                   rlvr_prompts=128, rlvr_samples=8, rlvr_steps=15, rlvr_lr=1e-4, batch=96)  # fmt: skip
 
 
 def build_tokenizer():
@@ -157,7 +162,7 @@ def build(out: Path, cfg: TrioConfig, held_out: set[Problem], *, log=print) -> d
     log(f"  base: pretrained {cfg.pretrain_steps} steps")
 
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    sft_stream = training_stream(FAMILIES, held_out, cfg.seed + 3)
+    sft_stream = training_stream(SFT_FAMILIES, held_out, cfg.seed + 3)
 
     def sft_example():
         p = next(sft_stream)
@@ -165,51 +170,39 @@ def build(out: Path, cfg: TrioConfig, held_out: set[Problem], *, log=print) -> d
 
     _train(model, tok, _batches(sft_example, cfg.batch), cfg.sft_steps, 5e-4)
     paths["sft"] = _save(model, tok, out / "sft")
-    log(f"  sft: {cfg.sft_steps} steps on demonstrations of every family")
+    log(f"  sft: {cfg.sft_steps} steps on demonstrations of {', '.join(SFT_FAMILIES)}")
 
     model.load_state_dict(base_state)
-    _grpo(model, tok, training_stream(RLVR_FAMILIES, held_out, cfg.seed + 4), cfg, log)
+    _rejection_sampling(model, tok, training_stream(RLVR_FAMILIES, held_out, cfg.seed + 4), cfg, log)
     paths["rlvr"] = _save(model, tok, out / "rlvr")
     return paths
 
 
-def _grpo(model, tok, prompts, cfg: TrioConfig, log) -> None:
-    """GRPO-style policy gradient with the verifier's reward: per prompt a group of sampled answers, each
-    weighted by its reward minus the group mean (over the group's std), on-policy, no KL term."""
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.rlvr_lr, weight_decay=0.0)
-    pad = tok.pad_token_id
-    for step in range(cfg.rlvr_steps):
-        problems = [next(prompts) for _ in range(cfg.rlvr_prompts)]
-        input_ids, mask = pad_batch([chat_prompt(tok, p.query) for p in problems], pad, left=True)
-        width = input_ids.shape[1]
+def _rejection_sampling(model, tok, problems, cfg: TrioConfig, log) -> None:
+    """RLVR by rejection sampling: each round samples `rlvr_samples` answers (temperature 1) to fresh problems,
+    keeps one the verifier accepts per problem, and fine-tunes on those (the reward is the filter)."""
+    from dots_merge.objectives import generate_answers
+
+    rng = random.Random(cfg.seed + 4)
+    for r in range(cfg.rlvr_rounds):
+        batch = [next(problems) for _ in range(cfg.rlvr_prompts)]
         model.eval()
-        torch.manual_seed(cfg.seed + 1000 + step)
-        with torch.no_grad():
-            seqs = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
-                                  max_new_tokens=8, num_return_sequences=cfg.rlvr_samples, pad_token_id=pad)  # fmt: skip
-        completions = seqs[:, width:]
-        texts = tok.batch_decode(completions, skip_special_tokens=True)
-        rewards = torch.tensor([float(correct(t, problems[i // cfg.rlvr_samples])) for i, t in enumerate(texts)]).view(
-            len(problems), cfg.rlvr_samples
-        )
-        advantages = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)
-        # completion tokens up to and including the first end-of-sequence
-        done = (completions == tok.eos_token_id).long().cumsum(1)
-        target_mask = ((done == 0) | ((done == 1) & (completions == tok.eos_token_id))).float()
-        full_mask = torch.cat([mask.repeat_interleave(cfg.rlvr_samples, 0), target_mask.long()], 1)
-        model.train()
-        positions = (full_mask.cumsum(1) - 1).clamp(min=0)  # as generate numbered them under left padding
-        logits = model(input_ids=seqs, attention_mask=full_mask, position_ids=positions).logits
-        logits = logits[:, width - 1 : -1].float()
-        logp = torch.log_softmax(logits, -1).gather(-1, completions.unsqueeze(-1)).squeeze(-1)
-        per_sample = (logp * target_mask).sum(1) / target_mask.sum(1).clamp(min=1)
-        loss = -(advantages.view(-1) * per_sample).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step % max(1, cfg.rlvr_steps // 4) == 0 or step == cfg.rlvr_steps - 1:
-            log(f"  rlvr step {step + 1}/{cfg.rlvr_steps}: mean reward {rewards.mean():.2f}")
+        samples = generate_answers(model, tok, [p.query for p in batch], samples=cfg.rlvr_samples, temperature=1.0,
+                                   top_p=1.0, max_new_tokens=8, seed=cfg.seed + 1000 + r, batch_size=256)  # fmt: skip
+        kept = []
+        for p, answers in zip(batch, samples, strict=True):
+            accepted = sorted({a.strip() for a in answers if correct(a, p)})
+            if accepted:
+                kept.append(_chat_example(tok, p.query, accepted[0]))
+        log(f"  rlvr round {r + 1}/{cfg.rlvr_rounds}: reward {len(kept) / len(batch):.2f} (pass@{cfg.rlvr_samples})")
+        if kept:
+            _train(
+                model,
+                tok,
+                _batches(functools.partial(rng.choice, kept), min(64, len(kept))),
+                cfg.rlvr_steps,
+                cfg.rlvr_lr,
+            )
     model.eval()
 
 
@@ -221,4 +214,4 @@ def _save(model, tok, path: Path) -> Path:
 
 
 def config_key(cfg: TrioConfig) -> dict:
-    return {"version": 1, **asdict(cfg)}
+    return {"version": 2, **asdict(cfg)}
