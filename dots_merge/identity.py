@@ -20,26 +20,25 @@ def _settings(recipe: Recipe) -> dict[str, Any]:
     return data
 
 
-def run_identity(
-    recipe: Recipe, checkpoints: Mapping[str, Checkpoint], queries: list[str], seed: int, backend: str
-) -> dict[str, Any]:
-    """The recipe as written (minus what a resume may change), digests of the weights and of the queries, the
-    seed and the backend: a resume is refused when any of them changed, even with the same paths."""
+def fingerprints(checkpoints: Mapping[str, Checkpoint], queries: list[str]) -> dict[str, Any]:
+    """Digests of each model's weights (by reference) and of the queries, computed once for both identities."""
+    prompts = hashlib.sha256(json.dumps(queries).encode()).hexdigest()[:16]
     return {
-        "recipe": _settings(recipe),
-        "weights": {ref: weights_digest(ckpt) for ref, ckpt in checkpoints.items()},
-        "queries": queries_digest(queries),
-        "seed": seed,
-        "backend": backend,
+        "weights": {ref: ckpt.content_digest()[:16] for ref, ckpt in checkpoints.items()},
+        "queries": f"{len(queries)} prompts {prompts}",
     }
 
 
-def portable_identity(
-    recipe: Recipe, checkpoints: Mapping[str, Checkpoint], queries: list[str], seed: int, backend: str
-) -> dict[str, Any]:
-    """The recipe with every model path replaced by a digest of its weights and the queries file by a digest
+def run_identity(recipe: Recipe, prints: dict[str, Any], seed: int, backend: str) -> dict[str, Any]:
+    """The recipe as written (minus what a resume may change), the `fingerprints` of the weights and queries,
+    the seed and the backend: a resume is refused when any of them changed, even with the same paths."""
+    return {"recipe": _settings(recipe), **prints, "seed": seed, "backend": backend}
+
+
+def portable_identity(recipe: Recipe, prints: dict[str, Any], seed: int, backend: str) -> dict[str, Any]:
+    """The recipe with every model path replaced by the digest of its weights and the queries file by the digest
     of its prompts: the same on every machine that holds the same checkpoints and prompts, wherever they are."""
-    names = {ref: f"<weights {weights_digest(ckpt)}>" for ref, ckpt in checkpoints.items()}
+    names = {ref: f"<weights {d}>" for ref, d in prints["weights"].items()}
 
     def swap(value: Any) -> Any:
         if isinstance(value, dict):
@@ -50,16 +49,8 @@ def portable_identity(
 
     data = swap(_settings(recipe))
     if isinstance(data.get("tune"), dict):
-        data["tune"]["queries"] = f"<{queries_digest(queries)}>"
+        data["tune"]["queries"] = f"<{prints['queries']}>"
     return {"recipe": data, "seed": seed, "backend": backend}
-
-
-def weights_digest(checkpoint: Checkpoint) -> str:
-    return checkpoint.content_digest()[:16]
-
-
-def queries_digest(queries: list[str]) -> str:
-    return f"{len(queries)} prompts {hashlib.sha256(json.dumps(queries).encode()).hexdigest()[:16]}"
 
 
 def digest(identity: Mapping[str, Any]) -> str:

@@ -254,7 +254,7 @@ class SharedStudy:
                 raise DotsMergeError(f"{where} was just started by another process; pass --resume") from None
             for point in initial:
                 study.enqueue_trial({f"x{i}": float(v) for i, v in enumerate(point)}, skip_if_exists=True)
-            study.set_user_attr(BUDGET_ATTR, int(budget or 1))
+            study.set_user_attr(BUDGET_ATTR, int(budget))
             study.set_user_attr(IDENTITY_ATTR, identity)  # last: a joining worker waits for it
         else:
             before = study.user_attrs.get(IDENTITY_ATTR)
@@ -265,8 +265,8 @@ class SharedStudy:
                 raise RunMismatchError(
                     f"{where} was started from a different recipe, models, queries or settings ({changed} differs)"
                 )
-        if budget is not None:
-            study.set_user_attr(BUDGET_ATTR, int(budget))
+            if budget is not None:  # the main process resuming: its --trials is the budget from now on
+                study.set_user_attr(BUDGET_ATTR, int(budget))
         return cls(study, storage, bounds=bounds, seed=seed, heartbeat=heartbeat, worker=WorkerId.here(), url=url)
 
     @property

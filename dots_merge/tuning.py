@@ -27,7 +27,7 @@ import tqdm
 
 from dots_merge.errors import DotsMergeError, RecipeError, RunMismatchError
 from dots_merge.fileio import write_atomic
-from dots_merge.identity import first_difference, portable_identity, run_identity
+from dots_merge.identity import fingerprints, first_difference, portable_identity, run_identity
 from dots_merge.pareto import front, hypervolume, pick, reference_point
 from dots_merge.recipe import Recipe
 
@@ -195,7 +195,8 @@ def tune(
         authenticate()  # fail fast, before the first trial
 
     run_dir = Path(run_dir)
-    identity = run_identity(recipe, checkpoints, spec.queries, spec.seed, spec.backend)
+    prints = fingerprints(checkpoints, spec.queries)
+    identity = run_identity(recipe, prints, spec.seed, spec.backend)
     if not shared:
         _open_run(run_dir, identity, resume)
         records = read_records(run_dir)
@@ -203,16 +204,15 @@ def tune(
 
         tuner = make_tuner(spec.backend, [(d.low, d.high) for d in spec.space], seed=spec.seed, initial=spec.initial)
         tuner.load([(r["point"], (r["consistency"], r["perplexity"])) for r in records])
-        evaluated = len(records)
+        before = len(records)
         if len(records) < spec.trials:
             _run_local(recipe, spec, checkpoints, run_dir, records, tuner, device=device, quiet=quiet)
-        evaluated = len(records) - evaluated
-        where = None
+        evaluated, where = len(records) - before, None
     else:
         from dots_merge.identity import digest
         from dots_merge.study import SharedStudy, default_storage, redact
 
-        portable = portable_identity(recipe, checkpoints, spec.queries, spec.seed, spec.backend)
+        portable = portable_identity(recipe, prints, spec.seed, spec.backend)
         url = storage or default_storage(run_dir)
         name = study or f"dots-merge-{digest(portable)}"
         _open_run(run_dir, identity, resume, shared={"storage": redact(url), "name": name})
