@@ -2,6 +2,7 @@
 
     python benchmarks/tune_bench.py trial   [--work benchmarks/_work]   # per-trial time split, ~95M model
     python benchmarks/tune_bench.py tuners  [--trials 40 --seeds 3]     # hypervolume of each backend
+    python benchmarks/tune_bench.py study   [--trials 40] [--postgres URL]  # shared-study overhead per trial
 
 `trial`: a ~95M-parameter bf16 Llama trio with a tokenizer; 16 queries × 7 samples × 64 new tokens. It times
 trials of the resident candidate (update / generation / perplexity) — a first trial (task vectors computed),
@@ -11,6 +12,11 @@ merged model with transformers.
 `tuners`: a synthetic two-objective problem (consistency = exp(−‖x − a‖²), perplexity = 2 + 4‖x − b‖² on the
 unit box scaled to [0.5, 2.0]^d, a ≠ b), d = 2 and 8, hypervolume after N trials for bayes (ParEGO),
 optuna GP, optuna TPE and random, averaged over seeds; reference point (0, 2 + 4d).
+
+`study`: what a shared study costs per trial, without the model: 1 and 2 processes claim and complete trials
+(d = 4, the GP sampler) on SQLite (and PostgreSQL when given) until the budget is done, each record the size
+of a real one (64 queries × 7 answers, ~40 KB). Reports the median claim (which runs the sampler) over all
+trials and over the last ten, the median complete, and the wall time.
 """
 
 from __future__ import annotations
@@ -142,15 +148,81 @@ def bench_tuners(n: int, seeds: int) -> dict:
     return out
 
 
+def _study_worker(url: str, name: str, out, mode: str) -> None:
+    from dots_merge.study import SharedStudy
+
+    shared = SharedStudy.open(url, name, identity={"bench": 1}, mode=mode, bounds=[(0.5, 2.0)] * 4, seed=0,
+                              heartbeat=60, budget=None)  # fmt: skip
+    answers = [[f"{i * 7 + j} is the answer" for j in range(7)] for i in range(64)]
+    laps = []
+    while not shared.done():
+        t0 = time.perf_counter()
+        claim = shared.claim()
+        if claim is None:
+            time.sleep(0.01)
+            continue
+        x = claim.point
+        record = {"number": claim.number, "point": x, "consistency": math.exp(-sum((v - 1) ** 2 for v in x)),
+                  "perplexity": 2 + sum((v - 1.5) ** 2 for v in x), "answers": answers,
+                  "per_query_consistency": [0.5] * 64, "per_query_nll": [1.0] * 64}  # fmt: skip
+        t1 = time.perf_counter()
+        shared.complete(claim, record)
+        laps.append((claim.number, t1 - t0, time.perf_counter() - t1))
+    out.put(laps)
+
+
+def bench_study(trials: int, postgres: str | None, work: Path) -> dict:
+    import multiprocessing as mp
+    import uuid
+
+    from dots_merge.study import SharedStudy
+
+    ctx = mp.get_context("spawn")
+    stores = {"sqlite": f"sqlite:///{work / 'study_bench.db'}"}
+    if postgres:
+        stores["postgresql"] = postgres
+    result = {}
+    for kind, url in stores.items():
+        for workers in (1, 2):
+            name = f"bench-{uuid.uuid4().hex[:8]}"
+            SharedStudy.open(url, name, identity={"bench": 1}, mode="create", bounds=[(0.5, 2.0)] * 4, seed=0,
+                             heartbeat=60, budget=trials)  # fmt: skip
+            queue = ctx.Queue()
+            t0 = time.perf_counter()
+            procs = [ctx.Process(target=_study_worker, args=(url, name, queue, "join")) for _ in range(workers)]
+            for p in procs:
+                p.start()
+            laps = [lap for _ in procs for lap in queue.get()]
+            for p in procs:
+                p.join()
+            wall = time.perf_counter() - t0
+            late = [lap for lap in laps if lap[0] >= trials - 10]  # the last ten: the study is at its largest
+            result[f"{kind}, {workers} process(es)"] = {
+                "trials": len(laps),
+                "claim_ms_median": round(1000 * statistics.median(lap[1] for lap in laps), 1),
+                "claim_ms_last10": round(1000 * statistics.median(lap[1] for lap in late), 1),
+                "complete_ms_median": round(1000 * statistics.median(lap[2] for lap in laps), 1),
+                "wall_s": round(wall, 1),
+            }
+            print(kind, workers, result[f"{kind}, {workers} process(es)"], flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["trial", "tuners"])
+    parser.add_argument("what", choices=["trial", "tuners", "study"])
     parser.add_argument("--work", type=Path, default=HERE / "_work")
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--postgres", metavar="URL", help="study: also on this PostgreSQL database")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    result = bench_trial(args.work, 4) if args.what == "trial" else bench_tuners(args.trials, args.seeds)
+    if args.what == "trial":
+        result = bench_trial(args.work, 4)
+    elif args.what == "tuners":
+        result = bench_tuners(args.trials, args.seeds)
+    else:
+        result = bench_study(args.trials, args.postgres, args.work)
     (args.work / f"tune_{args.what}.json").write_text(json.dumps(result, indent=2))
     print(yaml.safe_dump(result, sort_keys=False))
 
