@@ -171,7 +171,11 @@ def _connect(url: str, heartbeat: int):
     shown, url = redact(url), _driver_url(url)
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(url[len("sqlite:///") :]).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DotsMergeError(f"--storage {shown}: cannot create {folder} ({exc.strerror})") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the retry callback is marked experimental
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
@@ -184,9 +188,10 @@ def _connect(url: str, heartbeat: int):
                     grace_period=2 * heartbeat,
                     heartbeat_stale_trial_callback=retry,
                 )
-            except ModuleNotFoundError as exc:
+            except ImportError as exc:
+                driver = f" {exc.name!r}" if getattr(exc, "name", None) else ""
                 raise DotsMergeError(
-                    f"--storage {shown}: needs the database driver {exc.name!r} "
+                    f"--storage {shown}: the database driver{driver} for this URL is not installed "
                     "(for PostgreSQL: pip install 'dots-merge[distributed]')"
                 ) from None
             except sqlalchemy.exc.ArgumentError as exc:

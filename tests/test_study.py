@@ -121,6 +121,12 @@ def test_opening_a_study_wrongly_is_one_clear_error(tmp_path):
     with pytest.raises(DotsMergeError) as err:
         open_study("postgresql://me:hunter2@127.0.0.1:1/db", "s", "create")
     assert "hunter2" not in str(err.value)
+    with pytest.raises(DotsMergeError, match=r"driver.*not installed"):
+        open_study("mysql://me@127.0.0.1/db", "s", "create")
+    with pytest.raises(DotsMergeError, match="not a database URL"):
+        open_study("nonsense", "s", "create")
+    with pytest.raises(DotsMergeError, match="cannot create /proc/nope"):
+        open_study("sqlite:////proc/nope/study.db", "s", "create")
     assert "hunter2" not in redact("postgresql://me:hunter2@db.example/x")
 
 
