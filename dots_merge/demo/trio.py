@@ -1,9 +1,10 @@
 """The demo's base / SFT / RLVR trio: a small Llama trained from scratch on the CPU, seeded.
 
 - base: pretrained on plain equations of every family and on chat-formatted problems answered with the
-  bare number, mostly easy ones (so it knows the chat format, and the hard families only a little in it);
-- SFT (breadth): fine-tuned from base on demonstrations of the families that have them (addition,
-  3-digit addition, multiplication);
+  final answer in `\\boxed{}`, mostly easy ones (so it knows the chat format, and the hard families only a
+  little in it);
+- SFT (breadth): fine-tuned from base on demonstrations — final answer in `\\boxed{}` — of the families that
+  have them (addition, 3-digit addition, multiplication);
 - RLVR (depth): from base, rejection-sampling fine-tuning with the verifier's reward (exact answer) on
   subtraction, the family that comes with a verifier and no demonstrations (as RLVR data does in the
   paper's setting): rounds of sampling 8 answers per problem, keeping the ones the verifier accepts and
@@ -118,6 +119,11 @@ def _batches(make, batch: int):
         yield [make() for _ in range(batch)]
 
 
+def boxed(answer: int) -> str:
+    """A chat answer: the final answer in `\\boxed{}`, as the paper's models write it."""
+    return f"\\boxed{{{answer}}}"
+
+
 def correct(completion: str, problem: Problem) -> bool:
     """The verifier: the extracted final answer equals the true one."""
     return normalize_answer(extract_answer(completion)) == normalize_answer(str(problem.answer))
@@ -155,7 +161,7 @@ def build(out: Path, cfg: TrioConfig, held_out: set[Problem], *, log=print) -> d
         if u < 0.5:
             return _plain_example(tok, next(everything).equation)
         p = next(easy) if u < 0.9 else next(hard_chat)
-        return _chat_example(tok, p.query, str(p.answer))
+        return _chat_example(tok, p.query, boxed(p.answer))
 
     _train(model, tok, _batches(pretrain_example, cfg.batch), cfg.pretrain_steps, 3e-3)
     paths["base"] = _save(model, tok, out / "base")
@@ -166,7 +172,7 @@ def build(out: Path, cfg: TrioConfig, held_out: set[Problem], *, log=print) -> d
 
     def sft_example():
         p = next(sft_stream)
-        return _chat_example(tok, p.query, str(p.answer))
+        return _chat_example(tok, p.query, boxed(p.answer))
 
     _train(model, tok, _batches(sft_example, cfg.batch), cfg.sft_steps, 5e-4)
     paths["sft"] = _save(model, tok, out / "sft")
@@ -188,7 +194,7 @@ def _rejection_sampling(model, tok, problems, cfg: TrioConfig, log) -> None:
         batch = [next(problems) for _ in range(cfg.rlvr_prompts)]
         model.eval()
         samples = generate_answers(model, tok, [p.query for p in batch], samples=cfg.rlvr_samples, temperature=1.0,
-                                   top_p=1.0, max_new_tokens=8, seed=cfg.seed + 1000 + r, batch_size=256)  # fmt: skip
+                                   top_p=1.0, max_new_tokens=16, seed=cfg.seed + 1000 + r, batch_size=256)  # fmt: skip
         kept = []
         for p, answers in zip(batch, samples, strict=True):
             accepted = sorted({a.strip() for a in answers if correct(a, p)})
@@ -214,4 +220,4 @@ def _save(model, tok, path: Path) -> Path:
 
 
 def config_key(cfg: TrioConfig) -> dict:
-    return {"version": 2, **asdict(cfg)}
+    return {"version": 3, **asdict(cfg)}
