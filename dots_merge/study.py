@@ -210,8 +210,8 @@ def _connect(url: str, heartbeat: int):
 class SharedStudy:
     """The study all processes of one tuning run share."""
 
-    def __init__(self, study, storage, *, bounds, seed: int, heartbeat: int, worker: WorkerId, url: str):
-        self.study, self.storage, self.url = study, storage, url
+    def __init__(self, study, storage, *, bounds, seed: int, heartbeat: int, worker: WorkerId):
+        self.study, self.storage = study, storage
         self.heartbeat, self.worker = heartbeat, worker
         self.dims = len(bounds)
         self._dists = distributions(bounds)
@@ -272,11 +272,7 @@ class SharedStudy:
                 )
             if budget is not None:  # the main process resuming: its --trials is the budget from now on
                 study.set_user_attr(BUDGET_ATTR, int(budget))
-        return cls(study, storage, bounds=bounds, seed=seed, heartbeat=heartbeat, worker=WorkerId.here(), url=url)
-
-    @property
-    def name(self) -> str:
-        return self.study.study_name
+        return cls(study, storage, bounds=bounds, seed=seed, heartbeat=heartbeat, worker=WorkerId.here())
 
     @property
     def budget(self) -> int:
@@ -371,13 +367,6 @@ class SharedStudy:
             LOG.warning("trial #%d could not be closed as failed: %s", claim.number, exc)
         finally:
             claim.heartbeat.stop()
-
-    def counts(self) -> dict[str, int]:
-        """Trials by state, for the end-of-run message."""
-        out: dict[str, int] = {}
-        for t in self.study.get_trials(deepcopy=False):
-            out[t.state.name.lower()] = out.get(t.state.name.lower(), 0) + 1
-        return out
 
 
 def _started(study) -> bool:
