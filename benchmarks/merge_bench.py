@@ -30,7 +30,7 @@ MIB = 1024 * 1024
 def build(work: Path) -> dict[str, Path]:
     import torch
 
-    from dots_merge.toy import build_trio
+    from tests.toy_models import build_trio
 
     trio = {name: work / "trio" / name for name in ("base", "sft", "rlvr")}
     if not all((p / "config.json").exists() for p in trio.values()):

@@ -39,12 +39,14 @@ def bench_trial(work: Path, trials: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     import dots_merge
-    from dots_merge.candidate import ResidentCandidate
-    from dots_merge.merging import inspect_models
-    from dots_merge.objectives import Generation, answer_comparator, make_extractor, score
-    from dots_merge.recipe import parse_recipe
-    from dots_merge.toy import build_trio
-    from dots_merge.tune_spec import Dimension, trial_recipe
+    from dots_merge.merge.driver import inspect_models
+    from dots_merge.recipe import Generation, parse_recipe
+    from dots_merge.recipe.tune_section import Dimension, trial_recipe
+    from dots_merge.tune.answers import answer_comparator, make_extractor
+    from dots_merge.tune.candidate import ResidentCandidate
+    from dots_merge.tune.generation import load_tokenizer
+    from dots_merge.tune.objectives import score
+    from tests.toy_models import build_trio
 
     root = work / "trio100m"
     if not (root / "rlvr" / "config.json").exists():
@@ -68,6 +70,7 @@ def bench_trial(work: Path, trials: int) -> dict:
     cache = work / "tune-cache"
     shutil.rmtree(cache, ignore_errors=True)
     candidate = ResidentCandidate(recipe, checkpoints, cache_dir=cache)
+    tokenizer = load_tokenizer(root / "base")
     space = [Dimension(str(root / "sft"), "weight", 0.5, 2.0), Dimension(str(root / "rlvr"), "weight", 0.5, 2.0)]
     queries = [f"{a} + {b} =" for a in range(4) for b in range(4)]
     extract, (_, equal) = make_extractor("auto"), answer_comparator("string")
@@ -76,7 +79,7 @@ def bench_trial(work: Path, trials: int) -> dict:
         lam = [1.0 + 0.1 * t, 1.0 - 0.05 * t]
         started = time.perf_counter()
         _, update = candidate.apply(trial_recipe(recipe, space, lam))
-        s = score(candidate.model, candidate.tokenizer, queries, suffix="", extract=extract, equal=equal,
+        s = score(candidate.model, tokenizer, queries, suffix="", extract=extract, equal=equal,
                   generation=Generation(samples=7, temperature=0.6, max_new_tokens=64, batch_size=16), seed=0)  # fmt: skip
         total = time.perf_counter() - started
         rows.append(
@@ -115,9 +118,9 @@ def synthetic(d: int):
 
 
 def bench_tuners(n: int, seeds: int) -> dict:
-    from dots_merge.pareto import hypervolume
-    from dots_merge.tuner import make_tuner
-    from dots_merge.tuner.optuna_backend import OptunaTuner
+    from dots_merge.tune.pareto import hypervolume
+    from dots_merge.tune.samplers import make_tuner
+    from dots_merge.tune.samplers.optuna import OptunaTuner
 
     out = {}
     for d in (2, 8):
@@ -149,15 +152,15 @@ def bench_tuners(n: int, seeds: int) -> dict:
 
 
 def _study_worker(url: str, name: str, out, mode: str) -> None:
-    from dots_merge.study import SharedStudy
+    from dots_merge.tune.stores.optuna_rdb import OptunaStore
 
-    shared = SharedStudy.open(url, name, identity={"bench": 1}, mode=mode, bounds=[(0.5, 2.0)] * 4, seed=0,
+    shared = OptunaStore.open(url, name, identity={"bench": 1}, mode=mode, bounds=[(0.5, 2.0)] * 4, seed=0,
                               heartbeat=60, budget=None)  # fmt: skip
     answers = [[f"{i * 7 + j} is the answer" for j in range(7)] for i in range(64)]
     laps = []
     while not shared.done():
         t0 = time.perf_counter()
-        claim = shared.claim()
+        claim = shared.ask()
         if claim is None:
             time.sleep(0.01)
             continue
@@ -166,7 +169,7 @@ def _study_worker(url: str, name: str, out, mode: str) -> None:
                   "perplexity": 2 + sum((v - 1.5) ** 2 for v in x), "answers": answers,
                   "per_query_consistency": [0.5] * 64, "per_query_nll": [1.0] * 64}  # fmt: skip
         t1 = time.perf_counter()
-        shared.complete(claim, record)
+        shared.tell(claim, record)
         laps.append((claim.number, t1 - t0, time.perf_counter() - t1))
     out.put(laps)
 
@@ -175,7 +178,7 @@ def bench_study(trials: int, postgres: str | None, work: Path) -> dict:
     import multiprocessing as mp
     import uuid
 
-    from dots_merge.study import SharedStudy
+    from dots_merge.tune.stores.optuna_rdb import OptunaStore
 
     ctx = mp.get_context("spawn")
     stores = {"sqlite": f"sqlite:///{work / 'study_bench.db'}"}
@@ -185,7 +188,7 @@ def bench_study(trials: int, postgres: str | None, work: Path) -> dict:
     for kind, url in stores.items():
         for workers in (1, 2):
             name = f"bench-{uuid.uuid4().hex[:8]}"
-            SharedStudy.open(url, name, identity={"bench": 1}, mode="create", bounds=[(0.5, 2.0)] * 4, seed=0,
+            OptunaStore.open(url, name, identity={"bench": 1}, mode="create", bounds=[(0.5, 2.0)] * 4, seed=0,
                              heartbeat=60, budget=trials)  # fmt: skip
             queue = ctx.Queue()
             t0 = time.perf_counter()

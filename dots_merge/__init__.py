@@ -3,12 +3,11 @@
 Importing the package registers the `dots` merge method with mergekit.
 """
 
-from dots_merge.method import register as _register
-
-__version__ = "0.1.0"
+from dots_merge.merge.method import register as _register
+from dots_merge.version import __version__
 
 _register()
 
-from dots_merge.merging import MergeResult, merge  # noqa: E402
+from dots_merge.merge.driver import MergeResult, merge  # noqa: E402
 
 __all__ = ["MergeResult", "__version__", "merge"]

@@ -22,14 +22,15 @@ import tqdm
 from mergekit.io.tasks import LoaderCache
 from mergekit.options import MergeOptions
 
-from dots_merge.diagnostics import MODULE_TYPES, NO_LAYER, PairCounts, layer_of, module_type, pair_counts
+from dots_merge.core import NonFiniteTaskVector, TopK, keep_count, select_topk, sparse_task_vector, squared_norm
+from dots_merge.core.diagnostics import MODULE_TYPES, NO_LAYER, PairCounts, layer_of, module_type, pair_counts
 from dots_merge.errors import DotsMergeError
 from dots_merge.fileio import write_atomic
-from dots_merge.merging import as_recipe, inspect_models, resolve_device
-from dots_merge.method import nonfinite_error
-from dots_merge.plots import pyplot, save_figure
+from dots_merge.merge import mergekit_compat
+from dots_merge.merge.driver import as_recipe, inspect_models, resolve_device
+from dots_merge.merge.method import nonfinite_error
 from dots_merge.recipe import Recipe, model_entries, model_name
-from dots_merge.sparsify import NonFiniteTaskVector, TopK, keep_count, select_topk, sparse_task_vector, squared_norm
+from dots_merge.report.plots import pyplot, save_figure
 
 DEFAULT_DENSITIES = (0.1, 0.3, 0.5)
 
@@ -79,8 +80,7 @@ def analyze(
     inspect_models(recipe, allow_pickle=allow_pickle)
     refs = {str(r): r for r in recipe.merge_config().referenced_models()}
     labels = [repr(float(d)) for d in densities]
-    LoaderCache.loaders.clear()
-    LoaderCache().setup(options=MergeOptions(lazy_unpickle=False))
+    mergekit_compat.reset_loaders(MergeOptions(lazy_unpickle=False))
     try:
         loaders = {name: LoaderCache().get(refs[name]) for name in [base_name, *finetunes]}
         sq = {m: defaultdict(float) for m in finetunes}  # (kind, key) → Σ τ²
@@ -113,7 +113,7 @@ def analyze(
                     counts[level] += c
             del taus, selections
     finally:
-        LoaderCache.loaders.clear()
+        mergekit_compat.reset_loaders()
     return _report(base_name, finetunes, labels, sq, base_sq, pairs)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from dots_merge.toy import build_trio
+from tests.toy_models import build_trio
 
 if __name__ == "__main__":
     out = Path(__file__).resolve().parent / "tiny-trio"

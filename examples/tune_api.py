@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dots_merge.analyze import analyze, format_table
 from dots_merge.hub import plan_push
-from dots_merge.tuning import tune
+from dots_merge.tune.run import tune
 
 HERE = Path(__file__).resolve().parent
 

@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from dots_merge.toy import build_trio
+from tests.toy_models import build_trio
 
 
 @pytest.fixture(autouse=True)

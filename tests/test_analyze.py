@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dots_merge.analyze import analyze
-from dots_merge.cli import main
-from dots_merge.diagnostics import layer_of, module_type
-from dots_merge.toy import build_trio
+from dots_merge.cli.main import main
+from dots_merge.core.diagnostics import layer_of, module_type
 from tests.conftest import write_recipe
 from tests.reference import load_state, sparsify64
+from tests.toy_models import build_trio
 
 
 def write_like(template: Path, out: Path, state: dict[str, torch.Tensor]) -> Path:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dots_merge.cli import main
+from dots_merge.cli.main import main
 from tests.conftest import dots_recipe, write_recipe
 
 

@@ -6,7 +6,7 @@ import json
 
 import yaml
 
-from dots_merge.cli import main
+from dots_merge.cli.main import main
 from dots_merge.demo.data import FAMILIES, splits
 from dots_merge.demo.pipeline import recipe_data
 from dots_merge.recipe import load_recipe

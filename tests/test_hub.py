@@ -15,7 +15,7 @@ import yaml
 from huggingface_hub import constants
 
 import dots_merge
-from dots_merge.cli import main
+from dots_merge.cli.main import main
 from tests.conftest import dots_recipe
 from tests.hub_server import TOKEN, FakeHub
 
@@ -189,7 +189,7 @@ def test_push_through_the_console_script_environment(hub, model_dir, tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys; from dots_merge.cli import main; sys.exit(main(sys.argv[1:]))",
+            "import sys; from dots_merge.cli.main import main; sys.exit(main(sys.argv[1:]))",
             "push",
             str(model_dir),
             "tester/sub",

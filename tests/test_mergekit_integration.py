@@ -15,9 +15,9 @@ from mergekit.options import MergeOptions
 
 import dots_merge
 from dots_merge.errors import DotsMergeError
-from dots_merge.method import register
+from dots_merge.merge.method import register
 from tests.conftest import dots_recipe, write_recipe
-from tests.reference import load_state
+from tests.reference import load_state, sparsify64
 
 
 def test_import_registers_dots_once():
@@ -36,11 +36,9 @@ def test_kernel_through_mergekits_api():
     (out,) = merge_methods.get("dots")(
         [group], parameters={"weight": {"a": 1.0, "b": 2.0}, "density": 0.5, "rescale": "none"}
     )
-    from dots_merge.sparsify import apply_topk_, keep_count, select_topk
 
     def s(t):
-        tau = (t - base).reshape(-1)
-        return apply_topk_(tau.clone(), select_topk(tau, keep_count(0.5, tau.numel()))).reshape(t.shape)
+        return sparsify64((t - base).double().reshape(-1), 0.5).float().reshape(t.shape)
 
     torch.testing.assert_close(out, base + s(a) + 2.0 * s(b))
     with pytest.raises(DotsMergeError, match="rescale: global needs"):
@@ -86,7 +84,7 @@ def test_dare_ties_runs_through_dots_merge(llama_trio, tmp_path):
 def test_dots_merge_yaml_runs_the_global_prepass(llama_trio, tmp_path):
     recipe = write_recipe(tmp_path / "r.yml", dots_recipe(llama_trio))
     done = subprocess.run(
-        [sys.executable, "-c", "from dots_merge.cli_yaml import main; main()", str(recipe), str(tmp_path / "mk")],
+        [sys.executable, "-c", "from dots_merge.cli.mergekit_yaml import main; main()", str(recipe), str(tmp_path / "mk")],
         capture_output=True,
         text=True,
     )
@@ -102,7 +100,7 @@ def test_dots_merge_yaml_reports_recipe_errors_in_one_line(tmp_path):
     recipe = tmp_path / "r.yml"
     recipe.write_text("merge_method: dots\nbase_model: x\nmodels: [{model: y, parameters: {densty: 0.3}}]\n")
     done = subprocess.run(
-        [sys.executable, "-c", "from dots_merge.cli_yaml import main; main()", str(recipe), str(tmp_path / "o")],
+        [sys.executable, "-c", "from dots_merge.cli.mergekit_yaml import main; main()", str(recipe), str(tmp_path / "o")],
         capture_output=True,
         text=True,
     )

@@ -7,18 +7,16 @@ import math
 import pytest
 import torch
 
-from dots_merge.objectives import (
+from dots_merge.tune.answers import (
     answer_comparator,
     boxed_contents,
-    chat_prompt,
     consistency,
     extract_answer,
-    generate_answers,
     make_extractor,
     normalize_answer,
-    perplexity,
-    query_nll,
 )
+from dots_merge.tune.generation import chat_prompt, generate_answers, query_nll
+from dots_merge.tune.objectives import perplexity
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dots_merge.pareto import dominates, front, hypervolume, pick, reference_point
+from dots_merge.tune.pareto import dominates, front, hypervolume, pick, reference_point
 
 
 def test_front_and_domination():

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from dots_merge.cli import main
+from dots_merge.cli.main import main
 from dots_merge.errors import DotsMergeError
-from dots_merge.queries import choose
+from dots_merge.tune.queries import choose
 from tests.conftest import dots_recipe, write_recipe
 
 

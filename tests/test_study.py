@@ -16,22 +16,22 @@ import optuna
 import pytest
 import yaml
 
-from dots_merge.cli import main
+from dots_merge.cli.main import main
 from dots_merge.errors import DotsMergeError
-from dots_merge.study import RECORD_ATTR, WORKER_ATTR, SharedStudy, redact
+from dots_merge.tune.stores.optuna_rdb import RECORD_ATTR, WORKER_ATTR, OptunaStore, redact
 from tests.conftest import write_recipe
 from tests.test_tune import tune_recipe
 
 BOUNDS = [(0.5, 2.0), (0.5, 2.0)]
 IDENTITY = {"recipe": {"merge_method": "dots"}, "seed": 0, "backend": "optuna"}
-CLI = [sys.executable, "-c", "import sys; from dots_merge.cli import main; sys.exit(main(sys.argv[1:]))"]
+CLI = [sys.executable, "-c", "import sys; from dots_merge.cli.main import main; sys.exit(main(sys.argv[1:]))"]
 
 
-def open_study(url: str, name: str, mode: str, **kw) -> SharedStudy:
+def open_study(url: str, name: str, mode: str, **kw) -> OptunaStore:
     kw = {"identity": IDENTITY, "bounds": BOUNDS, "seed": 0, "heartbeat": 1, "budget": 3, **kw}
     if mode == "join":
         kw["budget"] = None
-    return SharedStudy.open(url, name, mode=mode, **kw)
+    return OptunaStore.open(url, name, mode=mode, **kw)
 
 
 def record(claim, c: float = 0.5, p: float = 2.0) -> dict:
@@ -42,11 +42,11 @@ def test_concurrent_claims_never_overrun_the_budget(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     a = open_study(url, "s", "create", budget=3, initial=[[1.0, 1.0]])
     b = open_study(url, "s", "join")
-    claims = [a.claim(), b.claim(), a.claim()]
+    claims = [a.ask(), b.ask(), a.ask()]
     assert [c.number for c in claims] == [0, 1, 2] and claims[0].point == [1.0, 1.0]  # the initial point first
-    assert b.claim() is None and a.claim() is None  # all three slots are taken
+    assert b.ask() is None and a.ask() is None  # all three slots are taken
     for c in claims:
-        assert a.complete(c, record(c))
+        assert a.tell(c, record(c))
     assert a.done() and b.done()
     assert [r["number"] for r in b.records()] == [0, 1, 2]
     assert {r["worker"] for r in b.records()} == {f"{os.uname().nodename}:{os.getpid()}"}
@@ -57,7 +57,7 @@ def test_concurrent_claims_never_overrun_the_budget(tmp_path):
 def test_a_claim_past_the_budget_is_closed_unevaluated(tmp_path, monkeypatch):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     a = open_study(url, "s", "create", budget=2)
-    first, second = a.claim(), a.claim()
+    first, second = a.ask(), a.ask()
     real, calls = a._live, []
 
     def stale_view():  # the check before asking saw the study before another worker's claim landed
@@ -65,32 +65,32 @@ def test_a_claim_past_the_budget_is_closed_unevaluated(tmp_path, monkeypatch):
         return [] if len(calls) == 1 else real()
 
     monkeypatch.setattr(a, "_live", stale_view)
-    assert a.claim() is None  # asked, then ranked 3rd of 2: closed as skipped, never evaluated
+    assert a.ask() is None  # asked, then ranked 3rd of 2: closed as skipped, never evaluated
     monkeypatch.undo()
     skipped = [t for t in a.study.get_trials() if t.state == optuna.trial.TrialState.FAIL]
     assert len(skipped) == 1 and skipped[0].user_attrs["dots_merge.skipped"]
     for c in (first, second):
-        a.complete(c, record(c))
+        a.tell(c, record(c))
     assert a.done() and [r["number"] for r in a.records()] == [0, 1]
 
 
 def test_a_silent_worker_is_failed_after_the_heartbeat_and_its_point_retried(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     a = open_study(url, "s", "create", budget=2)
-    elsewhere = replace(a.worker, name="gpu7:1", host="gpu7")  # another machine: only the heartbeat tells
-    a.worker = elsewhere
-    lost = a.claim()
-    lost.heartbeat.stop()  # the machine goes silent mid-trial
+    elsewhere = replace(a.identity, name="gpu7:1", host="gpu7")  # another machine: only the heartbeat tells
+    a.identity = elsewhere
+    lost = a.ask()
+    lost.handle.heartbeat.stop()  # the machine goes silent mid-trial
     b = open_study(url, "s", "join")
     assert b.reap() == []  # still within the grace period
     time.sleep(3.5)  # > 2 intervals; SQLite's clock has whole seconds
     assert b.reap() == [lost.number]
-    retry = b.claim()
+    retry = b.ask()
     assert retry.number != lost.number and retry.point == lost.point and retry.retry_of == lost.number
-    assert not a.complete(lost, record(lost))  # the silent worker comes back: its result is dropped
-    b.complete(retry, record(retry))
-    other = b.claim()
-    b.complete(other, record(other))
+    assert not a.tell(lost, record(lost))  # the silent worker comes back: its result is dropped
+    b.tell(retry, record(retry))
+    other = b.ask()
+    b.tell(other, record(other))
     assert [r["number"] for r in b.records()] == sorted({retry.number, other.number})
 
 
@@ -98,13 +98,13 @@ def test_a_dead_process_on_this_machine_is_failed_at_once(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     a = open_study(url, "s", "create", budget=1, heartbeat=60)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    a.worker = replace(a.worker, pid=int(dead.stdout))
-    lost = a.claim()
+    a.identity = replace(a.identity, pid=int(dead.stdout))
+    lost = a.ask()
     b = open_study(url, "s", "join", heartbeat=60)
     assert b.reap() == [lost.number]  # no waiting for two minutes of heartbeats
-    retry = b.claim()
+    retry = b.ask()
     assert retry.retry_of == lost.number and retry.point == lost.point
-    lost.heartbeat.stop()
+    lost.handle.heartbeat.stop()
 
 
 def test_opening_a_study_wrongly_is_one_clear_error(tmp_path):
@@ -169,7 +169,7 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
 
 
 def trials_of(storage: str, study: str) -> list[optuna.trial.FrozenTrial]:
-    from dots_merge.study import _driver_url
+    from dots_merge.tune.stores.optuna_rdb import _driver_url
 
     return optuna.load_study(study_name=study, storage=_driver_url(storage)).get_trials()
 

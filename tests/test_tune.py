@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from dots_merge.cli import main
+from dots_merge.cli.main import main
 from tests.conftest import dots_recipe, write_recipe
 from tests.reference import load_state
 
@@ -77,7 +77,7 @@ def test_a_five_trial_run_writes_every_file(llama_trio, tmp_path, capsys):
 def test_kill_9_then_resume(llama_trio, tmp_path):
     recipe = write_recipe(tmp_path / "recipe.yml", tune_recipe(llama_trio, tmp_path, trials=7))
     run = tmp_path / "run"
-    cmd = [sys.executable, "-c", "import sys; from dots_merge.cli import main; sys.exit(main(sys.argv[1:]))",
+    cmd = [sys.executable, "-c", "import sys; from dots_merge.cli.main import main; sys.exit(main(sys.argv[1:]))",
            "tune", str(recipe), "--out", str(run), "--quiet", "--no-merge"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120

@@ -24,7 +24,7 @@ BASELINES = {"task_arithmetic": "task_arithmetic", "ties": "ties", "dare": "dare
 
 def default_dir(quick: bool) -> Path:
     """`$DOTS_MERGE_CACHE/demo/…`, else `~/.cache/dots-merge/demo/…`."""
-    from dots_merge.prepass import default_cache_dir
+    from dots_merge.merge.prepass import default_cache_dir
 
     return default_cache_dir() / "demo" / ("quick" if quick else "full")
 
@@ -73,7 +73,7 @@ def accuracy(model_dir: Path, problems: list[Problem]) -> tuple[float, dict[str,
     """Greedy-decoding exact-answer accuracy, overall and per family."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dots_merge.objectives import generate_answers
+    from dots_merge.tune.generation import generate_answers
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -105,8 +105,8 @@ def run_demo(
     import dots_merge
     from dots_merge.analyze import analyze, write_json, write_plots
     from dots_merge.hub import plan_push
-    from dots_merge.queries import select_queries
-    from dots_merge.tuning import tune
+    from dots_merge.tune.queries import select_queries
+    from dots_merge.tune.run import tune
 
     started = time.perf_counter()
     settings = _settings(quick)

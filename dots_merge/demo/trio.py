@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from dots_merge.demo.data import EASY, FAMILIES, HARD, Problem, training_stream
-from dots_merge.objectives import chat_prompt, extract_answer, normalize_answer
+from dots_merge.tune.answers import extract_answer, normalize_answer
+from dots_merge.tune.generation import chat_prompt
 
 CHARS = "0123456789+-*= \n\\boxed{}"
 SFT_FAMILIES = ("add2", "add3", "mul21")  # the families with demonstrations
@@ -187,7 +188,7 @@ def build(out: Path, cfg: TrioConfig, held_out: set[Problem], *, log=print) -> d
 def _rejection_sampling(model, tok, problems, cfg: TrioConfig, log) -> None:
     """RLVR by rejection sampling: each round samples `rlvr_samples` answers (temperature 1) to fresh problems,
     keeps one the verifier accepts per problem, and fine-tunes on those (the reward is the filter)."""
-    from dots_merge.objectives import generate_answers
+    from dots_merge.tune.generation import generate_answers
 
     rng = random.Random(cfg.seed + 4)
     for r in range(cfg.rlvr_rounds):

@@ -1,0 +1,41 @@
+"""Pure tensor math of DoTS, no I/O: task vectors, exact top-k selection, rescale factors, the λ-sum.
+
+The merge kernel and a trial's in-memory update both call these functions; nothing else does this arithmetic.
+"""
+
+from dots_merge.core.combine import RESCALE_MODES, Term, combine, rescale_factor
+from dots_merge.core.task_vector import (
+    NonFiniteTaskVector,
+    SparseTaskVector,
+    is_finite,
+    norm_ratio,
+    sparse_chunks,
+    sparse_task_vector,
+    squared_norm,
+)
+from dots_merge.core.topk import TopK, chunk_spans, keep_count, keep_mask, magnitude_bits, select_topk
+
+METHOD_NAME = "dots"  # the merge_method name in recipes
+PAPER_URL = "https://arxiv.org/abs/2605.00610"
+
+__all__ = [
+    "METHOD_NAME",
+    "PAPER_URL",
+    "RESCALE_MODES",
+    "NonFiniteTaskVector",
+    "SparseTaskVector",
+    "Term",
+    "TopK",
+    "chunk_spans",
+    "combine",
+    "is_finite",
+    "keep_count",
+    "keep_mask",
+    "magnitude_bits",
+    "norm_ratio",
+    "rescale_factor",
+    "select_topk",
+    "sparse_chunks",
+    "sparse_task_vector",
+    "squared_norm",
+]

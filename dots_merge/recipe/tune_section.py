@@ -1,0 +1,292 @@
+"""The recipe's `tune:` section: what is searched, on which queries, how candidates are scored.
+
+Checked key by key like the rest of the recipe, before any model is loaded. `trial_recipe` rewrites the
+recipe's coefficients for one point of the search space; the result is a complete recipe that
+`dots-merge merge` runs as is.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dots_merge.errors import RecipeError
+from dots_merge.recipe.recipe import Recipe, model_entries, model_name
+
+BACKENDS = ("bayes", "optuna", "random")
+PICK_RULES = ("knee", "utopia", "max_consistency", "min_perplexity")
+ANSWER_RULES = ("auto", "boxed", "last_number")
+PARAMS = {"weight": 1.0, "density": 0.3}  # searchable parameters and their defaults
+DEFAULT_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
+_TUNE_KEYS = {"queries", "trials", "seed", "backend", "pick", "generation", "prompt_suffix", "answer", "compare",
+              "space", "initial"}  # fmt: skip
+_GENERATION_KEYS = {"samples", "temperature", "top_p", "max_new_tokens", "batch_size"}
+_SPACE_KEYS = {"model", "param", "low", "high", "filter"}
+
+
+@dataclass(frozen=True)
+class Generation:
+    """How the answers of a consistency measurement are sampled (method.md §5; the reference's defaults)."""
+
+    samples: int = 7
+    temperature: float = 0.6
+    top_p: float = 1.0
+    max_new_tokens: int = 1024
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched coefficient: `param` of `model`, optionally only for tensors matching `filter`."""
+
+    model: str
+    param: str
+    low: float
+    high: float
+    filter: str | None = None
+
+    @property
+    def label(self) -> str:
+        name = f"{Path(self.model).name or self.model}.{self.param}"
+        return f"{name}[{self.filter}]" if self.filter else name
+
+
+@dataclass
+class TuneSpec:
+    """The validated `tune:` section."""
+
+    queries: list[str]
+    space: list[Dimension]
+    trials: int = 40
+    seed: int = 0
+    backend: str = "bayes"
+    pick: str = "knee"
+    generation: Generation = field(default_factory=Generation)
+    prompt_suffix: str = DEFAULT_SUFFIX
+    answer: str = "auto"
+    compare: str = "auto"
+    initial: list[list[float]] = field(default_factory=list)
+
+    @property
+    def labels(self) -> list[str]:
+        return [d.label for d in self.space]
+
+
+def _fail(source: str, where: str, message: str):
+    raise RecipeError(f"{source}: {where}: {message}")
+
+
+def _number(source: str, where: str, value: Any, *, integer: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or (integer and not isinstance(value, int)):
+        _fail(source, where, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
+    return value
+
+
+def read_queries(spec_value: Any, source: str, base_dir: Path) -> list[str]:
+    """Queries from a JSONL file (a "prompt" per line, path relative to the recipe) or an inline list."""
+    if isinstance(spec_value, list):
+        if not spec_value:
+            _fail(source, "tune.queries", "empty list")
+        for i, q in enumerate(spec_value):
+            if not isinstance(q, str) or not q.strip():
+                _fail(source, f"tune.queries[{i}]", "must be a non-empty string")
+        return list(spec_value)
+    if not isinstance(spec_value, str):
+        _fail(source, "tune.queries", "a JSONL file path or a list of prompts")
+    path = Path(spec_value) if Path(spec_value).is_absolute() else base_dir / spec_value
+    if not path.is_file():
+        raise RecipeError(f"{path}: query file not found (tune.queries in {source})")
+    queries = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise RecipeError(f"{path}:{number}: not a JSON object") from None
+        prompt = row.get("prompt") if isinstance(row, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise RecipeError(f'{path}:{number}: no "prompt" string')
+        queries.append(prompt)
+    if not queries:
+        raise RecipeError(f"{path}: query file is empty")
+    return queries
+
+
+def parse_tune(recipe: Recipe, *, load_queries: bool = True) -> TuneSpec:
+    """Validate `recipe.tune`; raise `RecipeError` naming the key at fault.
+
+    With `load_queries=False` the query file is neither required nor read (a plain merge of the recipe).
+    """
+    src = recipe.source
+    raw = recipe.tune
+    if raw is None:
+        raise RecipeError(f"{src}: no `tune:` section (see recipes/ for an example)")
+    unknown = sorted(set(raw) - _TUNE_KEYS)
+    if unknown:
+        _fail(src, f"tune.{unknown[0]}", f"unknown key (known: {', '.join(sorted(_TUNE_KEYS))})")
+    base_dir = Path(src).parent if Path(src).is_file() else Path.cwd()
+    if "queries" not in raw and load_queries:
+        _fail(src, "tune.queries", "missing: a JSONL file of prompts or a list of prompts")
+    queries = read_queries(raw["queries"], src, base_dir) if "queries" in raw and load_queries else []
+
+    trials = int(_number(src, "tune.trials", raw.get("trials", 40), integer=True))
+    if trials < 1:
+        _fail(src, "tune.trials", f"must be at least 1, got {trials}")
+    seed = int(_number(src, "tune.seed", raw.get("seed", 0), integer=True))
+    backend = raw.get("backend", "bayes")
+    if backend not in BACKENDS:
+        _fail(src, "tune.backend", f"must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    pick = raw.get("pick", "knee")
+    if pick not in PICK_RULES:
+        _fail(src, "tune.pick", f"must be one of {', '.join(PICK_RULES)}, got {pick!r}")
+    answer = raw.get("answer", "auto")
+    if not isinstance(answer, str) or not (answer in ANSWER_RULES or answer.startswith("regex:")):
+        _fail(src, "tune.answer", f"must be auto, boxed, last_number or regex:PATTERN, got {answer!r}")
+    if answer.startswith("regex:"):
+        try:
+            re.compile(answer[len("regex:") :])
+        except re.error as error:
+            _fail(src, "tune.answer", f"invalid regular expression: {error}")
+    compare = raw.get("compare", "auto")
+    if compare not in ("auto", "string", "math"):
+        _fail(src, "tune.compare", f"must be auto, string or math, got {compare!r}")
+    suffix = raw.get("prompt_suffix", DEFAULT_SUFFIX)
+    if not isinstance(suffix, str):
+        _fail(src, "tune.prompt_suffix", "must be a string")
+    space = _space(recipe, raw.get("space"))
+    return TuneSpec(
+        queries=queries,
+        space=space,
+        trials=trials,
+        seed=seed,
+        backend=backend,
+        pick=pick,
+        generation=_generation(src, raw.get("generation") or {}),
+        prompt_suffix=suffix,
+        answer=answer,
+        compare=compare,
+        initial=_initial_points(recipe, space, raw.get("initial")),
+    )
+
+
+def _generation(src: str, raw: Any) -> Generation:
+    if not isinstance(raw, dict):
+        _fail(src, "tune.generation", "must be a mapping")
+    unknown = sorted(set(raw) - _GENERATION_KEYS)
+    if unknown:
+        _fail(src, f"tune.generation.{unknown[0]}", f"unknown key (known: {', '.join(sorted(_GENERATION_KEYS))})")
+    g = Generation(**raw)
+    for key in ("samples", "max_new_tokens", "batch_size"):
+        if _number(src, f"tune.generation.{key}", getattr(g, key), integer=True) < 1:
+            _fail(src, f"tune.generation.{key}", "must be at least 1")
+    if _number(src, "tune.generation.temperature", g.temperature) < 0:
+        _fail(src, "tune.generation.temperature", "must be ≥ 0")
+    if not 0 < _number(src, "tune.generation.top_p", g.top_p) <= 1:
+        _fail(src, "tune.generation.top_p", "must be in (0, 1]")
+    return g
+
+
+def _space(recipe: Recipe, raw: Any) -> list[Dimension]:
+    src = recipe.source
+    if not isinstance(raw, list) or not raw:
+        _fail(src, "tune.space", "a non-empty list of {model, param, low, high} entries")
+    base = model_name(recipe.data["base_model"]) if recipe.data.get("base_model") else None
+    models = [model_name(e["model"]) for e in model_entries(recipe.data)]
+    dims: list[Dimension] = []
+    for i, entry in enumerate(raw):
+        where = f"tune.space[{i}]"
+        if not isinstance(entry, dict):
+            _fail(src, where, "must be a mapping {model, param, low, high}")
+        unknown = sorted(set(entry) - _SPACE_KEYS)
+        if unknown:
+            _fail(src, f"{where}.{unknown[0]}", f"unknown key (known: {', '.join(sorted(_SPACE_KEYS))})")
+        for key in ("model", "param", "low", "high"):
+            if key not in entry:
+                _fail(src, f"{where}.{key}", "missing")
+        model = str(entry["model"])
+        if model not in models or model == base:
+            _fail(
+                src,
+                f"{where}.model",
+                f"{model!r} is not a fine-tune under `models:` (have: {', '.join(m for m in models if m != base)})",
+            )
+        if entry["param"] not in PARAMS:
+            _fail(src, f"{where}.param", f"unknown param {entry['param']!r} (searchable: {', '.join(PARAMS)})")
+        low = _number(src, f"{where}.low", entry["low"])
+        high = _number(src, f"{where}.high", entry["high"])
+        if low >= high:
+            _fail(src, where, f"low ({low}) must be below high ({high})")
+        if entry["param"] == "density" and not (low > 0 and high <= 1):
+            _fail(src, where, f"density bounds must lie in (0, 1], got [{low}, {high}]")
+        filt = entry.get("filter")
+        if filt is not None and (not isinstance(filt, str) or not filt):
+            _fail(src, f"{where}.filter", "must be a non-empty string")
+        dim = Dimension(model, entry["param"], float(low), float(high), filt)
+        if any((d.model, d.param, d.filter) == (dim.model, dim.param, dim.filter) for d in dims):
+            _fail(src, where, f"{dim.label} is searched twice")
+        dims.append(dim)
+    return dims
+
+
+def _initial_points(recipe: Recipe, space: list[Dimension], raw: Any) -> list[list[float]]:
+    """`tune.initial`, or by default one point: every weight 1.0, densities as written, when inside the bounds."""
+    src = recipe.source
+    if raw is None:
+        point = [current_value(recipe, d) if d.param == "density" else 1.0 for d in space]
+        inside = all(d.low <= v <= d.high for d, v in zip(space, point, strict=True))
+        return [point] if inside else []
+    if not isinstance(raw, list):
+        _fail(src, "tune.initial", "a list of points, each a list with one value per `space` entry")
+    for i, point in enumerate(raw):
+        if not isinstance(point, list) or len(point) != len(space):
+            _fail(src, f"tune.initial[{i}]", f"must list {len(space)} values, one per `space` entry")
+        for j, (d, v) in enumerate(zip(space, point, strict=True)):
+            _number(src, f"tune.initial[{i}][{j}]", v)
+            if not d.low <= v <= d.high:
+                _fail(src, f"tune.initial[{i}][{j}]", f"{v} is outside [{d.low}, {d.high}] of {d.label}")
+    return [[float(v) for v in p] for p in raw]
+
+
+def _entry(data: dict, model: str) -> dict:
+    for entry in model_entries(data):
+        if model_name(entry["model"]) == model:
+            return entry
+    raise KeyError(model)
+
+
+def current_value(recipe: Recipe, dim: Dimension) -> float:
+    """The recipe's own value of a searched coefficient (its default entry when filtered)."""
+    setting = (_entry(recipe.data, dim.model).get("parameters") or {}).get(dim.param, PARAMS[dim.param])
+    if isinstance(setting, list):
+        setting = next(
+            (c.get("value") for c in setting if isinstance(c, dict) and not c.get("filter")), PARAMS[dim.param]
+        )
+    return float(setting) if isinstance(setting, int | float) else PARAMS[dim.param]
+
+
+def trial_recipe(recipe: Recipe, space: list[Dimension], values: list[float]) -> Recipe:
+    """The recipe with each searched coefficient set; filtered values go first, in `space` order."""
+    out = recipe.copy()
+    for dim, value in zip(space, values, strict=True):
+        entry = _entry(out.data, dim.model)
+        params = entry.setdefault("parameters", {}) or {}
+        entry["parameters"] = params
+        setting = params.get(dim.param, PARAMS[dim.param])
+        if dim.filter is None:
+            if isinstance(setting, list):
+                rest = [c for c in setting if isinstance(c, dict) and c.get("filter")]
+                params[dim.param] = [*rest, {"value": float(value)}]
+            else:
+                params[dim.param] = float(value)
+            continue
+        conditions = setting if isinstance(setting, list) else [{"value": setting}]
+        conditions = [c for c in conditions if c.get("filter") != dim.filter]
+        filtered = [c for c in conditions if c.get("filter")]
+        default = [c for c in conditions if not c.get("filter")] or [{"value": PARAMS[dim.param]}]
+        params[dim.param] = [*filtered, {"filter": dim.filter, "value": float(value)}, *default]
+    out.data.pop("tune", None)
+    return out

@@ -1,0 +1,88 @@
+"""One trial's work: its recipe written to trials/NNNN.yml, its weights applied to the resident candidate, its
+answers and perplexity scored into the trial's record."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dots_merge.checkpoints import Checkpoint
+from dots_merge.fileio import write_atomic
+from dots_merge.recipe import Recipe, TuneSpec, trial_recipe
+from dots_merge.tune.answers import answer_comparator, make_extractor
+from dots_merge.tune.candidate import ResidentCandidate
+from dots_merge.tune.generation import load_tokenizer
+from dots_merge.tune.objectives import score
+from dots_merge.tune.run_folder import trial_path
+from dots_merge.tune.stores.base import Trial
+from dots_merge.tune.vectors import VectorStore
+
+
+class TrialEvaluator:
+    """Holds the resident candidate and the tokenizer for a whole run; evaluates one trial per call."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        spec: TuneSpec,
+        checkpoints: Mapping[str, Checkpoint],
+        run_dir: Path,
+        *,
+        device: str,
+        spill_dir: Path,
+    ):
+        self.recipe, self.spec, self.run_dir = recipe, spec, run_dir
+        vectors = VectorStore(torch.device(device), spill_dir=spill_dir)
+        self.candidate = ResidentCandidate(
+            recipe, checkpoints, device=device, cache_dir=run_dir / "cache", vectors=vectors
+        )
+        self.tokenizer = load_tokenizer(next(iter(checkpoints.values())).path)
+        self.extract = make_extractor(spec.answer)
+        self.comparator, self.equal = answer_comparator(spec.compare)
+
+    def write_recipe(self, trial: Trial) -> Recipe:
+        """The recipe of the trial's point, written to trials/NNNN.yml before its weights are applied."""
+        recipe = trial_recipe(self.recipe, self.spec.space, trial.point)
+        write_atomic(trial_path(self.run_dir, trial.number), recipe.to_yaml())
+        return recipe
+
+    def __call__(self, trial: Trial, recipe: Recipe) -> dict[str, Any]:
+        """Apply the trial's weights, score them, and return the trial's record."""
+        t0 = time.perf_counter()
+        spec = self.spec
+        _, update_seconds = self.candidate.apply(recipe)
+        scores = score(
+            self.candidate.model,
+            self.tokenizer,
+            spec.queries,
+            suffix=spec.prompt_suffix,
+            extract=self.extract,
+            equal=self.equal,
+            generation=spec.generation,
+            seed=spec.seed,
+        )
+        return {
+            "number": trial.number,
+            "params": dict(zip(spec.labels, trial.point, strict=True)),
+            "point": trial.point,
+            "consistency": scores.consistency,
+            "perplexity": scores.perplexity,
+            "per_query_consistency": scores.per_query_consistency,
+            "per_query_nll": scores.per_query_nll,
+            "answers": scores.answers,
+            "comparator": self.comparator,
+            "seconds": {
+                "update": update_seconds,
+                "generation": scores.seconds_generation,
+                "perplexity": scores.seconds_perplexity,
+                "total": time.perf_counter() - t0,
+            },
+        }
+
+    def close(self) -> None:
+        """Free the candidate's vector store and delete its spill."""
+        self.candidate.close()

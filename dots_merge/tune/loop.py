@@ -1,0 +1,49 @@
+"""The trial loop: ask → write the trial's recipe → apply and score → tell. It knows nothing of where trials live.
+
+What happens to a trial is the same for every store: a finished one is told; one whose evaluation raises is
+recorded as failed and the run stops with the error; one interrupted by Ctrl-C is put back, so that
+`--resume` evaluates the same point first; one whose process died (kill -9) is put back by the store when it
+notices. While the whole budget is taken by trials other processes run, the loop waits.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from dots_merge.tune.stores.base import Trial, TrialStore
+
+Record = dict[str, Any]
+
+
+def run_trials(
+    store: TrialStore,
+    *,
+    write_recipe: Callable[[Trial], Any],
+    evaluate: Callable[[Trial, Any], Record],
+    on_record: Callable[[list[Record]], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Evaluate trials until the store holds its budget of finished ones; returns how many this process told."""
+    told = 0
+    while not store.done():
+        trial = store.ask()
+        if trial is None:  # other processes are running the last trials
+            sleep(store.poll_interval())
+            continue
+        try:
+            recipe = write_recipe(trial)
+            record = evaluate(trial, recipe)
+        except KeyboardInterrupt:
+            store.release(trial)
+            raise
+        except BaseException as exc:
+            store.fail(trial, f"{type(exc).__name__}: {exc}")
+            raise
+        record["retry_of"] = trial.retry_of
+        if store.tell(trial, record):
+            told += 1
+            if on_record is not None:
+                on_record(store.records())
+    return told

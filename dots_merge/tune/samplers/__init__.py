@@ -1,0 +1,25 @@
+"""Tuner backends behind one ask/tell interface; `make_tuner` picks one by name."""
+
+from __future__ import annotations
+
+from dots_merge.tune.samplers.base import Tuner
+
+
+def make_tuner(backend: str, bounds: list[tuple[float, float]], *, seed: int, initial: list[list[float]]) -> Tuner:
+    """A fresh tuner of the named backend: bayes (default), optuna (extra) or random."""
+    if backend == "bayes":
+        from dots_merge.tune.samplers.bayes import BayesTuner
+
+        return BayesTuner(bounds, seed=seed, initial=initial)
+    if backend == "optuna":
+        from dots_merge.tune.samplers.optuna import OptunaTuner
+
+        return OptunaTuner(bounds, seed=seed, initial=initial)
+    if backend == "random":
+        from dots_merge.tune.samplers.random import RandomTuner
+
+        return RandomTuner(bounds, seed=seed, initial=initial)
+    raise ValueError(f"unknown tuner backend {backend!r}")
+
+
+__all__ = ["Tuner", "make_tuner"]
