@@ -23,6 +23,9 @@ from pathlib import Path
 
 import yaml
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the tiny-model builder lives in tests/toy_models.py
+
 HERE = Path(__file__).resolve().parent
 MIB = 1024 * 1024
 

@@ -26,10 +26,14 @@ import json
 import math
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the tiny-model builder lives in tests/toy_models.py
 
 HERE = Path(__file__).resolve().parent
 
