@@ -60,7 +60,6 @@ class PushResult:
     plan: PushPlan
     commit_url: str | None = None
     pr_url: str | None = None
-    user: str | None = None
 
 
 def _size(n: int) -> str:
@@ -205,7 +204,7 @@ def push(
         return PushResult(plan)
     api = HfApi()
     with hub_errors(repo_id, revision):
-        user = authenticate()
+        authenticate()  # a bad token fails here, before the repo is created
         repo = api.create_repo(repo_id, private=private or None, exist_ok=True, repo_type="model")
         full_id = repo.repo_id
         if revision:
@@ -220,4 +219,4 @@ def push(
             ignore_patterns=IGNORED,
         )
     plan.repo_id = full_id
-    return PushResult(plan, commit_url=info.commit_url, pr_url=info.pr_url, user=user)
+    return PushResult(plan, commit_url=info.commit_url, pr_url=info.pr_url)

@@ -1,5 +1,5 @@
 """One trial loop over every trial store: resume, the budget, a trial that raises, Ctrl-C and a dead process
-behave the same whether trials live in the run folder or in an optuna storage."""
+behave the same whether trials live in the run folder or in an optuna storage (SQLite, or a PostgreSQL server)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,16 +32,17 @@ def objectives(point: list[float]) -> tuple[float, float]:
 class Opener:
     """Opens the store of one kind on one run folder, as `dots-merge tune` (and `--resume`) would."""
 
-    def __init__(self, kind: str, root: Path):
+    def __init__(self, kind: str, root: Path, url: str | None = None):
         self.kind, self.run_dir = kind, root / "run"
         self.run_dir.mkdir()
-        self.url = f"sqlite:///{root / 'study.db'}"
+        self.url = url or f"sqlite:///{root / 'study.db'}"
+        self.study = f"s-{uuid.uuid4().hex[:8]}"  # a PostgreSQL server is shared by the session's tests
 
     def __call__(self, budget: int, *, resume: bool = False) -> TrialStore:
         if self.kind == "local":
             return LocalStore(self.run_dir, make_tuner("bayes", BOUNDS, seed=0, initial=INITIAL), budget)
         return OptunaStore.open(
-            self.url, "s", identity=IDENTITY, mode="resume" if resume else "create", bounds=BOUNDS, seed=0,
+            self.url, self.study, identity=IDENTITY, mode="resume" if resume else "create", bounds=BOUNDS, seed=0,
             heartbeat=1, budget=budget, initial=INITIAL, mirror=lambda records: write_records(self.run_dir, records),
         )  # fmt: skip
 
@@ -48,9 +50,10 @@ class Opener:
         return [json.loads(line) for line in (self.run_dir / TRIALS_FILE).read_text().splitlines()]
 
 
-@pytest.fixture(params=["local", "optuna"])
+@pytest.fixture(params=["local", "optuna-sqlite", "optuna-postgresql"])
 def opener(request, tmp_path) -> Opener:
-    return Opener(request.param, tmp_path)
+    url = request.getfixturevalue("postgres_url") if request.param == "optuna-postgresql" else None
+    return Opener(request.param, tmp_path, url)
 
 
 def run(store: TrialStore, opener: Opener, *, raise_at: dict[int, BaseException] | None = None) -> list[Trial]:

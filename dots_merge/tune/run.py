@@ -129,6 +129,7 @@ def tune(
     store, where = _open_store(recipe, spec, checkpoints, run_dir, resume=resume, storage=storage, study=study,
                                worker=worker, heartbeat=heartbeat)  # fmt: skip
     evaluated = _run(recipe, spec, checkpoints, run_dir, store, device=device, quiet=quiet)
+    store.sync()
     records = store.records()
     if worker:
         return TuneResult(run_dir=run_dir, records=records, front=None, pick=None, rule=spec.pick, model_dir=None,
@@ -163,7 +164,7 @@ def _open_store(recipe, spec, checkpoints, run_dir: Path, *, resume, storage, st
         seed=spec.seed, heartbeat=heartbeat, budget=None if worker else spec.trials, initial=spec.initial,
         mirror=lambda records: write_run_files(run_dir, recipe, spec, records),
     )  # fmt: skip
-    write_run_files(run_dir, recipe, spec, store.records())
+    store.sync()
     return store, f"{name} in {redact(url)}"
 
 

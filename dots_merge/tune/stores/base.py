@@ -61,6 +61,9 @@ class TrialStore(ABC):
     def release(self, trial: Trial) -> None:
         """The evaluation was interrupted (Ctrl-C, SIGTERM): put the point back, to be evaluated first next time."""
 
+    def sync(self) -> None:  # noqa: B027  (most stores have nothing to bring up to date)
+        """Bring any copy of the store's records (e.g. a run folder mirroring a shared study) up to date."""
+
     def poll_interval(self) -> float:
         """Seconds to wait when `ask` returns None."""
         return 1.0

@@ -370,9 +370,13 @@ class OptunaStore(TrialStore):
             return False
         finally:
             running.heartbeat.stop()
+        self.sync()
+        return True
+
+    def sync(self) -> None:
+        """Write the run folder from the study (other processes may have finished trials since)."""
         if self._mirror is not None:
             self._mirror(self.records())
-        return True
 
     def fail(self, trial: Trial, error: str) -> None:
         """Close a trial whose evaluation raised (not retried: the same coefficients would raise again)."""
