@@ -70,8 +70,14 @@ class Checkpoint:
     def content_digest(self, samples: int = 16, chunk: int = 4096) -> str:
         """A digest of the weights that does not depend on where they are: each file's name, size, header and
         `samples` evenly spaced `chunk`-byte slices of its data. Reads about 64 KiB a file, so machines that
-        hold the same checkpoint under different paths agree on it in milliseconds."""
+        hold the same checkpoint under different paths agree on it in milliseconds; computed again only when
+        a file's size or mtime changed."""
         import hashlib
+
+        stamp = (self.fingerprint(), samples, chunk)
+        cached = self.__dict__.get("_digest")
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
 
         digest = hashlib.sha256()
         for f in sorted(self.weight_files, key=lambda p: p.name):
@@ -86,6 +92,7 @@ class Checkpoint:
                 for i in range(samples):
                     fh.seek(start + span * i // max(1, samples - 1))
                     digest.update(fh.read(chunk))
+        self.__dict__["_digest"] = (stamp, digest.hexdigest())
         return digest.hexdigest()
 
     def dominant_dtype(self) -> str | None:

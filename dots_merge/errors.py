@@ -24,3 +24,7 @@ class OutputExistsError(DotsMergeError):
 
 class RunMismatchError(DotsMergeError):
     """A run folder (or shared study) was started from another recipe, other weights, queries or settings."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a command; the message says what was kept and how to go on."""

@@ -7,13 +7,15 @@ import json
 import math
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from dots_merge.tune.loop import run_trials
+from dots_merge.errors import DotsMergeError
+from dots_merge.tune.loop import MAX_FAILED_IN_A_ROW, TrialFailed, run_trials
 from dots_merge.tune.run_folder import TRIALS_FILE, write_records
 from dots_merge.tune.samplers import make_tuner
 from dots_merge.tune.stores.base import Trial, TrialStore
@@ -138,3 +140,58 @@ def test_a_process_that_died_mid_trial_has_its_point_retried(opener):
     assert evaluated[0].point == lost.point and evaluated[0].retry_of == lost.number
     records = resumed.records()
     assert len(records) == 2 and lost.number not in numbers(records) and len(set(numbers(records))) == 2
+
+
+def test_a_trial_with_a_nonfinite_objective_is_failed_and_the_run_goes_on(opener, caplog):
+    store = opener(3)
+    evaluated = run(store, opener, raise_at={1: TrialFailed("perplexity is inf (overflowed in float16): use ...")})
+    records = store.records()
+    assert len(records) == 3 and 1 not in numbers(records)  # the budget is met by finite trials only
+    assert store.failed() == {1: "perplexity is inf (overflowed in float16): use ..."}
+    assert all(math.isfinite(r["perplexity"]) for r in records) and len(evaluated) == 4
+    assert "trial #1 failed and is not used" in caplog.text
+    if isinstance(store, LocalStore):  # the sampler was told the finished trials only
+        assert [p for p, _ in store.sampler.history] == [r["point"] for r in records]
+    resumed = opener(3, resume=True)
+    assert resumed.done() and resumed.failed() == store.failed()
+
+
+def test_every_trial_failing_stops_the_run_with_the_reason(opener):
+    store = opener(20)
+    with pytest.raises(DotsMergeError, match=r"5 trials in a row failed; the last: perplexity is nan"):
+        run(store, opener, raise_at={n: TrialFailed("perplexity is nan") for n in range(20)})
+    assert len(store.failed()) == MAX_FAILED_IN_A_ROW and store.records() == []
+
+
+def test_a_trial_left_running_without_any_heartbeat_is_reclaimed(opener):
+    store = opener(2)
+    if isinstance(store, OptunaStore):  # a process that never sent a heartbeat (or whose storage lost it)
+        raw = store.study.ask({f"x{i}": d for i, d in enumerate(store._dists.values())})
+        lost = Trial(raw.number, [raw.params["x0"], raw.params["x1"]])
+        time.sleep(2 * store.heartbeat + 1.5)  # the grace period after its start (SQLite's clock has seconds)
+    else:
+        lost = store.ask()
+    resumed = opener(2, resume=True)
+    evaluated = run(resumed, opener)
+    assert evaluated[0].point == lost.point and evaluated[0].retry_of == lost.number
+    assert len(resumed.records()) == 2 and lost.number not in numbers(resumed.records())
+
+
+def test_partial_writes_in_the_run_folder_redo_only_their_trial(tmp_path, caplog):
+    opener = Opener("local", tmp_path)
+    store = opener(4)
+    run(store, opener)
+    records = store.records()
+    # a crash while recording trial #3: its line is cut, and claims.json still lists it as running
+    text = (opener.run_dir / TRIALS_FILE).read_text()
+    (opener.run_dir / TRIALS_FILE).write_text(text[: text.rindex("{") + 20])
+    claims = json.loads((opener.run_dir / "claims.json").read_text())
+    claims["running"] = [{"number": 3, "point": records[3]["point"], "retry_of": None}]
+    (opener.run_dir / "claims.json").write_text(json.dumps(claims))
+    (opener.run_dir / "trials" / "0001.yml").unlink()  # and a trial recipe lost
+    resumed = opener(4, resume=True)
+    assert "last line was cut short" in caplog.text and "1 trial recipe(s) missing (#1)" in caplog.text
+    assert resumed.records() == [records[0], records[2]]  # no other trial touched
+    evaluated = run(resumed, opener)
+    assert [(t.point, t.retry_of) for t in evaluated] == [(records[3]["point"], 3), (records[1]["point"], 1)]
+    assert numbers(resumed.records()) == [0, 2, 4, 5] and opener.jsonl() == resumed.records()

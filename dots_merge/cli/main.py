@@ -104,7 +104,8 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--push", metavar="REPO_ID", help="publish RUN_DIR/model on the Hub when the run ends")
     p.add_argument("--private", action="store_true", help="with --push: create the repo private")
     p.add_argument("--include-queries", action="store_true", help="list the tuning prompts in the model card")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--trust-remote-code", action="store_true", help="let transformers run model code from the Hub")
     g = p.add_argument_group("sharing one study between GPUs or machines (--backend optuna)")
     g.add_argument("--storage", metavar="URL",
                    help="optuna storage: sqlite:///RUN_DIR/study.db (default) or postgresql://USER@HOST/DB")  # fmt: skip
@@ -138,6 +139,7 @@ def _run_tune(args: argparse.Namespace) -> int:
         study=args.study,
         worker=args.worker,
         heartbeat=args.heartbeat,
+        trust_remote_code=args.trust_remote_code,
     )
     if result.pick is None:
         print(f"worker: evaluated {result.evaluated} trials of study {result.study}; "
@@ -169,6 +171,7 @@ def _add_queries(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     s.add_argument("--quiet", action="store_true", help="no progress output")
+    s.add_argument("--trust-remote-code", action="store_true", help="let transformers run model code from the Hub")
     s.set_defaults(run=_run_select)
 
 
@@ -184,6 +187,8 @@ def _run_select(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_difficulty=args.max_difficulty,
         device=args.device,
+        quiet=args.quiet,
+        trust_remote_code=args.trust_remote_code,
     )
     easy = sum(r["split"] == "easy" for r in rows)
     print(f"chose {len(rows)} queries ({easy} easy, {len(rows) - easy} hard) into {args.out}")
@@ -276,8 +281,8 @@ def run_guarded(func: Callable[[], int], *, prog: str, debug: bool) -> int:
             raise
         print(f"{prog}: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; nothing was written to the output folder", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        print(f"{prog}: {interrupt or 'interrupted; nothing was written to the output folder'}", file=sys.stderr)
         return 130
     except Exception as error:
         if debug:

@@ -27,6 +27,8 @@ from mergekit.tokenizer import TokenizerInfo
 from dots_merge.checkpoints import Checkpoint, check_compatible, open_checkpoint
 from dots_merge.core import METHOD_NAME, is_finite
 from dots_merge.errors import DotsMergeError, NonFiniteError, OutputExistsError
+from dots_merge.faults import fault_point
+from dots_merge.fileio import disk_full_is_an_error
 from dots_merge.merge import mergekit_compat
 from dots_merge.merge.method import kernel_context
 from dots_merge.merge.prepass import Prepass, default_cache_dir, run_prepass
@@ -153,7 +155,7 @@ def global_prepass(
     """The whole-model norms and selections of `rescale: global` for a planned merge (cached)."""
     return run_prepass(
         list(targets),
-        fingerprints={name: c.fingerprint() for name, c in checkpoints.items()},
+        fingerprints={name: {"files": c.fingerprint(), "digest": c.content_digest()} for name, c in checkpoints.items()},
         cache_dir=cache_dir,
         device=options.device,
         check_finite=check_finite,
@@ -227,8 +229,13 @@ def merge(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         try:
-            with kernel_context(
-                selections=prepass.selections, check_finite=not allow_nonfinite, inputs_checked=bool(prepass.selections)
+            with (
+                kernel_context(
+                    selections=prepass.selections,
+                    check_finite=not allow_nonfinite,
+                    inputs_checked=bool(prepass.selections),
+                ),
+                disk_full_is_an_error(out_dir, "writing the merged model (nothing was kept)"),
             ):
                 _write_model(used, tmp, options, checkpoints, check_finite=not allow_nonfinite)
             (tmp / "README.md").write_text(
@@ -272,6 +279,7 @@ def _write_model(
             if isinstance(value, TokenizerInfo):
                 tokenizer = value.tokenizer
             elif task in targets and value is not None:
+                fault_point("merge")
                 weight = targets[task]
                 name = weight.name
                 out_dtype = dtype_from_name(weight.force_dtype or config.out_dtype)

@@ -3,8 +3,8 @@
 It walks the tensors exactly as mergekit's plan will feed them to the kernel (same names, aliases, tied
 weights and densities after filters), one tensor at a time, and never holds a task vector beyond the
 tensor in hand. What it learns — per-tensor top-k selections and squared norms — is cached on disk,
-keyed by the weight files (path, size, mtime) and the densities, so a second merge of the same models
-skips the pass entirely and its kernel skips selection too.
+keyed by the weights (files and content digests), the densities and load dtypes (`cache_key`), so a second
+merge of the same models skips the pass entirely and its kernel skips selection too.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import tqdm
@@ -24,11 +25,12 @@ from mergekit.graph import Executor
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 
 from dots_merge.core import NonFiniteTaskVector, TopK, norm_ratio, sparse_task_vector
+from dots_merge.faults import fault_point
 from dots_merge.fileio import write_atomic
 from dots_merge.merge.method import SelectionKey, nonfinite_error
 
 LOG = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the key holds weight digests, load dtypes and the rescale mode
 
 
 @dataclass
@@ -71,11 +73,19 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dots-merge"
 
 
-def cache_key(tasks: Sequence[ExecuteMergeMethodTask], fingerprints: dict[str, list], check_finite: bool) -> str:
-    """Hash of the weight files of every model, of each (tensor, model, density) the merge uses, and of
-    whether inputs were checked for NaN/Inf (a hit then means the inputs passed that check)."""
+def cache_key(tasks: Sequence[ExecuteMergeMethodTask], fingerprints: dict[str, Any], check_finite: bool) -> str:
+    """Hash of everything the cached numbers depend on: the cache format version, each model's weights (files and
+    a content digest), each (tensor, model, density, rescale, load dtype) the merge uses, and whether inputs were
+    checked for NaN/Inf (a hit then means the inputs passed that check)."""
     plan = sorted(
-        (task.output_weight.name, str(model), repr(float(task.input_parameters[model]["density"])))
+        (
+            task.output_weight.name,
+            str(model),
+            repr(float(task.input_parameters[model]["density"])),
+            str(task.parameters.get("rescale")),
+            str(task.gather_tensors.dtype),
+            str(task.gather_tensors.weight_info[model].force_dtype),
+        )
         for task in tasks
         for model in task.model_order
         if model != task.base_model
@@ -89,7 +99,7 @@ def cache_key(tasks: Sequence[ExecuteMergeMethodTask], fingerprints: dict[str, l
 def run_prepass(
     tasks: Sequence[ExecuteMergeMethodTask],
     *,
-    fingerprints: dict[str, list],
+    fingerprints: dict[str, Any],
     cache_dir: Path | None,
     device: str = "cpu",
     check_finite: bool = True,
@@ -122,8 +132,9 @@ def _compute(tasks: Sequence[ExecuteMergeMethodTask], *, device: str, check_fini
         result.squared_norms[m] = 0.0
         result.squared_norms_kept[m] = 0.0
     executor = Executor(list(by_gather), math_device=torch.device(device), storage_device=torch.device("cpu"))
-    progress = tqdm.tqdm(total=len(by_gather), desc="Pre-pass (norms)", disable=quiet)
+    progress = tqdm.tqdm(total=len(by_gather), desc="Pre-pass (norms)", unit="tensor", disable=True if quiet else None)
     for gather, tensors in executor.run(quiet=True):
+        fault_point("prepass")
         for task in by_gather[gather]:
             _accumulate(task, tensors, result, device=device, check_finite=check_finite)
         progress.update(1)

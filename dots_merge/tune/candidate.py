@@ -28,6 +28,7 @@ from dots_merge.core import (
     rescale_factor,
 )
 from dots_merge.errors import DotsMergeError
+from dots_merge.faults import fault_point
 from dots_merge.merge import mergekit_compat
 from dots_merge.merge.driver import (
     global_prepass,
@@ -55,6 +56,7 @@ class ResidentCandidate:
         cache_dir: Path | None = None,
         device_budget: int | None = None,
         vectors: VectorStore | None = None,
+        quiet: bool = True,
         trust_remote_code: bool = False,
     ):
         from transformers import AutoModelForCausalLM
@@ -64,7 +66,7 @@ class ResidentCandidate:
                 f"{recipe.source}: tune works on models sharing the base's tokenizer; remove `tokenizer`"
             )
         self.checkpoints = checkpoints
-        self.options = MergeOptions(device=device, quiet=True, lazy_unpickle=False, trust_remote_code=trust_remote_code)
+        self.options = MergeOptions(device=device, quiet=quiet, lazy_unpickle=False, trust_remote_code=trust_remote_code)
         self.cache_dir = cache_dir
         self.device = torch.device(device)
         base = next(iter(checkpoints.values()))
@@ -73,6 +75,7 @@ class ResidentCandidate:
             str(base.path), dtype=self.dtype, trust_remote_code=trust_remote_code
         ).to(self.device)
         self.model.eval()
+        fault_point("load")
         self.state = self.model.state_dict(keep_vars=True)
         self.vectors = VectorStore(self.device) if vectors is None else vectors
         self._resident: dict[tuple[str, str], torch.Tensor] = {}

@@ -16,7 +16,8 @@ from dots_merge.recipe import Recipe, TuneSpec, trial_recipe
 from dots_merge.tune.answers import answer_comparator, make_extractor
 from dots_merge.tune.candidate import ResidentCandidate
 from dots_merge.tune.generation import load_tokenizer
-from dots_merge.tune.objectives import score
+from dots_merge.tune.loop import TrialFailed
+from dots_merge.tune.objectives import nonfinite_reason, score
 from dots_merge.tune.run_folder import trial_path
 from dots_merge.tune.stores.base import Trial
 from dots_merge.tune.vectors import VectorStore
@@ -34,13 +35,15 @@ class TrialEvaluator:
         *,
         device: str,
         spill_dir: Path,
+        quiet: bool = True,
+        trust_remote_code: bool = False,
     ):
         self.recipe, self.spec, self.run_dir = recipe, spec, run_dir
         vectors = VectorStore(torch.device(device), spill_dir=spill_dir)
-        self.candidate = ResidentCandidate(
-            recipe, checkpoints, device=device, cache_dir=run_dir / "cache", vectors=vectors
-        )
-        self.tokenizer = load_tokenizer(next(iter(checkpoints.values())).path)
+        self.candidate = ResidentCandidate(recipe, checkpoints, device=device, cache_dir=run_dir / "cache",
+                                           vectors=vectors, quiet=quiet, trust_remote_code=trust_remote_code)  # fmt: skip
+        self.tokenizer = load_tokenizer(next(iter(checkpoints.values())).path, trust_remote_code=trust_remote_code)
+        self.quiet = quiet
         self.extract = make_extractor(spec.answer)
         self.comparator, self.equal = answer_comparator(spec.compare)
 
@@ -64,7 +67,11 @@ class TrialEvaluator:
             equal=self.equal,
             generation=spec.generation,
             seed=spec.seed,
+            quiet=self.quiet,
         )
+        reason = nonfinite_reason(scores.consistency, scores.perplexity, self.candidate.dtype)
+        if reason is not None:
+            raise TrialFailed(reason)
         return {
             "number": trial.number,
             "params": dict(zip(spec.labels, trial.point, strict=True)),

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import torch
+import tqdm
+
+from dots_merge.faults import fault_point
 
 
 def load_tokenizer(model_dir, *, trust_remote_code: bool = False):
@@ -77,12 +81,17 @@ def generate_answers(
     max_new_tokens: int,
     seed: int,
     batch_size: int = 8,
+    quiet: bool = True,
 ) -> list[list[str]]:
     """`samples` completions per prompt (sampling, KV cache, left-padded batches), seeded per batch."""
     device = next(model.parameters()).device
     pad = _pad_id(tokenizer)
     out: list[list[str]] = []
+    progress = tqdm.tqdm(total=len(prompts) * samples, desc="Generating", unit="sample", leave=False,
+                         disable=True if quiet else None)  # fmt: skip
+    started, tokens = time.perf_counter(), 0
     for start in range(0, len(prompts), batch_size):
+        fault_point("generate")
         ids = [chat_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
         input_ids, mask = pad_batch(ids, pad, left=True)
         width = input_ids.shape[1]
@@ -100,8 +109,13 @@ def generate_answers(
             pad_token_id=pad,
             use_cache=True,
         )
-        texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+        new = generated[:, width:]
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         out += [texts[i * samples : (i + 1) * samples] for i in range(len(ids))]
+        tokens += int(torch.count_nonzero(new != pad))
+        progress.update(len(ids) * samples)
+        progress.set_postfix_str(f"{tokens / max(time.perf_counter() - started, 1e-9):.0f} tok/s")
+    progress.close()
     return out
 
 

@@ -17,6 +17,17 @@ def perplexity(nlls: Sequence[float]) -> float:
     return math.exp(sum(nlls) / len(nlls))
 
 
+def nonfinite_reason(consistency: float, perplexity: float, dtype: object) -> str | None:
+    """Why a candidate's objectives cannot be used (NaN or infinite), or None when they are finite."""
+    if math.isfinite(consistency) and math.isfinite(perplexity):
+        return None
+    if str(dtype).endswith("float16") and "bfloat16" not in str(dtype):
+        return f"perplexity overflowed in float16 ({perplexity}): use out_dtype bfloat16 or float32"
+    if not math.isfinite(perplexity):
+        return f"perplexity is {perplexity}: the candidate's logits are not finite"
+    return f"consistency is {consistency}"
+
+
 @dataclass
 class Scores:
     """Both objectives of one candidate on a query set, with what they were computed from."""
@@ -41,6 +52,7 @@ def score(
     generation: Generation,
     seed: int,
     with_perplexity: bool = True,
+    quiet: bool = True,
 ) -> Scores:
     """Consistency of `samples` answers per query (prompt = query + suffix) and perplexity of the bare queries."""
     started = time.perf_counter()
@@ -56,6 +68,7 @@ def score(
         max_new_tokens=g.max_new_tokens,
         seed=seed,
         batch_size=g.batch_size,
+        quiet=quiet,
     )
     answers = [[extract(text) for text in texts] for texts in completions]
     per_query = [consistency(a, equal) for a in answers]

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import tqdm
+
 from dots_merge.errors import DotsMergeError
 
 
@@ -49,6 +51,8 @@ def select_queries(
     seed: int = 0,
     max_difficulty: float = 0.8,
     device: str = "cpu",
+    quiet: bool = True,
+    trust_remote_code: bool = False,
 ) -> list[dict[str, Any]]:
     """Score every pool prompt with each fine-tune alone, choose `n`, write them as JSONL to `out`."""
     from dots_merge.fileio import write_atomic
@@ -84,13 +88,17 @@ def select_queries(
     require_tokenizer(next(iter(checkpoints.values())))
     base = model_name(recipe.data["base_model"])
     finetunes = [m for m in dict.fromkeys(model_name(e["model"]) for e in model_entries(recipe.data)) if m != base]
-    candidate = ResidentCandidate(recipe, checkpoints, device=device, cache_dir=default_cache_dir())
-    tokenizer = load_tokenizer(next(iter(checkpoints.values())).path)
+    candidate = ResidentCandidate(recipe, checkpoints, device=device, cache_dir=default_cache_dir(), quiet=quiet,
+                                  trust_remote_code=trust_remote_code)  # fmt: skip
+    tokenizer = load_tokenizer(next(iter(checkpoints.values())).path, trust_remote_code=trust_remote_code)
     extract = make_extractor(spec.answer if spec else "auto")
     _, equal = answer_comparator(spec.compare if spec else "auto")
     space = [Dimension(m, "weight", 0.0, 1.0) for m in finetunes]
     per_model: dict[str, list[float]] = {}
+    progress = tqdm.tqdm(total=len(prompts) * len(finetunes), desc="Scoring the pool", unit="prompt",
+                         disable=True if quiet else None)  # fmt: skip
     for model in finetunes:
+        progress.set_postfix_str(Path(model).name or model)
         alone = trial_recipe(recipe, space, [1.0 if m == model else 0.0 for m in finetunes])
         candidate.apply(alone)
         scores = score(
@@ -103,8 +111,11 @@ def select_queries(
             generation=dataclasses.replace(generation, samples=samples),
             seed=seed,
             with_perplexity=False,
+            quiet=quiet,
         )
         per_model[model] = scores.per_query_consistency
+        progress.update(len(prompts))
+    progress.close()
     difficulty = [1.0 - sum(per_model[m][i] for m in finetunes) / len(finetunes) for i in range(len(prompts))]
     rows = [
         {

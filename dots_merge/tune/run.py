@@ -8,22 +8,27 @@ GPUs or machines) — and run through one loop (`dots_merge.tune.loop`). A run k
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shlex
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tqdm
 
-from dots_merge.errors import DotsMergeError, RecipeError
+from dots_merge.errors import DotsMergeError, Interrupted, RecipeError
 from dots_merge.fileio import write_atomic
 from dots_merge.recipe import Recipe
 from dots_merge.tune.identity import fingerprints, portable_identity, run_identity
 from dots_merge.tune.pareto import front, hypervolume, pick, reference_point
-from dots_merge.tune.run_folder import open_run, recipe_numbers, trial_path, write_records
+from dots_merge.tune.run_folder import RunLog, open_run, recipe_numbers, trial_path, write_records
 from dots_merge.tune.stores.base import TrialStore
 
 LOG = logging.getLogger(__name__)
@@ -89,6 +94,7 @@ def tune(
     study: str | None = None,
     worker: bool = False,
     heartbeat: int = 60,
+    trust_remote_code: bool = False,
 ) -> TuneResult:
     """Search the recipe's `tune.space` on its unlabeled queries, then merge the picked trial into RUN_DIR/model
     (with a card describing the search) and, with `push`, publish it as that Hub repo.
@@ -126,17 +132,54 @@ def tune(
         authenticate()  # fail fast, before the first trial
 
     run_dir = Path(run_dir)
-    store, where = _open_store(recipe, spec, checkpoints, run_dir, resume=resume, storage=storage, study=study,
-                               worker=worker, heartbeat=heartbeat)  # fmt: skip
-    evaluated = _run(recipe, spec, checkpoints, run_dir, store, device=device, quiet=quiet)
-    store.sync()
-    records = store.records()
-    if worker:
-        return TuneResult(run_dir=run_dir, records=records, front=None, pick=None, rule=spec.pick, model_dir=None,
-                          seconds=time.perf_counter() - started, evaluated=evaluated, study=where)  # fmt: skip
-    return _finish(recipe, spec, checkpoints, run_dir, records, started, evaluated=evaluated, study=where,
-                   device=device, quiet=quiet, merge_best=merge_best, out_shard_size=out_shard_size, push=push,
-                   private=private, include_queries=include_queries)  # fmt: skip
+    hint = _resume_command(recipe, run_dir, backend=backend, storage=storage, study=study, worker=worker)
+    with _sigterm_as_interrupt():
+        try:
+            store, where = _open_store(recipe, spec, checkpoints, run_dir, resume=resume, storage=storage,
+                                       study=study, worker=worker, heartbeat=heartbeat)  # fmt: skip
+            with RunLog(run_dir) as log:
+                evaluated = _run(recipe, spec, checkpoints, run_dir, store, device=device, quiet=quiet, log=log,
+                                 trust_remote_code=trust_remote_code)  # fmt: skip
+                store.sync()
+                records = store.records()
+                if worker:
+                    return TuneResult(run_dir=run_dir, records=records, front=None, pick=None, rule=spec.pick,
+                                      model_dir=None, seconds=time.perf_counter() - started, evaluated=evaluated,
+                                      study=where)  # fmt: skip
+                log.phase(f"search done: {len(records)} trials")
+                return _finish(recipe, spec, checkpoints, run_dir, records, started, evaluated=evaluated,
+                               study=where, device=device, quiet=quiet, merge_best=merge_best, log=log,
+                               out_shard_size=out_shard_size, push=push, private=private,
+                               include_queries=include_queries)  # fmt: skip
+        except KeyboardInterrupt:
+            raise Interrupted(
+                f"interrupted: finished trials are kept and the running one was put back; go on with: {hint}"
+            ) from None
+
+
+def _resume_command(recipe, run_dir: Path, *, backend, storage, study, worker) -> str:
+    """The command that continues this run (the storage URL without its password)."""
+    from dots_merge.tune.stores.optuna_rdb import redact
+
+    words = ["dots-merge", "tune", recipe.source, "--out", str(run_dir)]
+    words += ["--backend", backend] if backend else []
+    words += ["--storage", redact(storage)] if storage else []
+    words += ["--study", study] if study else []
+    words += ["--worker"] if worker else ["--resume"]
+    return shlex.join(words)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt where the program is, as Ctrl-C does, so a trial is put back either way."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _open_store(recipe, spec, checkpoints, run_dir: Path, *, resume, storage, study, worker, heartbeat,
@@ -168,7 +211,8 @@ def _open_store(recipe, spec, checkpoints, run_dir: Path, *, resume, storage, st
     return store, f"{name} in {redact(url)}"
 
 
-def _run(recipe, spec, checkpoints, run_dir: Path, store: TrialStore, *, device: str, quiet: bool) -> int:
+def _run(recipe, spec, checkpoints, run_dir: Path, store: TrialStore, *, device: str, quiet: bool, log: RunLog,
+         trust_remote_code: bool) -> int:  # fmt: skip
     """Evaluate trials until the store holds its budget; returns how many this process evaluated."""
     from dots_merge.tune.evaluate import TrialEvaluator
     from dots_merge.tune.loop import run_trials
@@ -176,10 +220,16 @@ def _run(recipe, spec, checkpoints, run_dir: Path, store: TrialStore, *, device:
     if store.done():
         return 0
     spill = run_dir / "cache" / "vectors" / store.worker.replace(":", "-")
-    evaluator = TrialEvaluator(recipe, spec, checkpoints, run_dir, device=device, spill_dir=spill)
+    log.phase(f"loading the base model on {device}")
+    evaluator = TrialEvaluator(recipe, spec, checkpoints, run_dir, device=device, spill_dir=spill, quiet=quiet,
+                               trust_remote_code=trust_remote_code)  # fmt: skip
+    log.phase(f"trials: {len(store.records())} of {store.budget} finished")
     progress = tqdm.tqdm(total=store.budget, initial=len(store.records()), desc="Tuning", unit="trial", disable=quiet)
 
     def show(records: list[dict[str, Any]]) -> None:
+        last = max(records, key=lambda r: r["number"])
+        log.phase(f"trial #{last['number']} done: consistency {last['consistency']:.4f} perplexity "
+                  f"{last['perplexity']:.4g} ({', '.join(f'{k} {v:.2f} s' for k, v in last['seconds'].items())})")
         best = records[pick([(r["consistency"], r["perplexity"]) for r in records], spec.pick)]
         progress.total, progress.n = store.budget, len(records)
         progress.set_postfix_str(
@@ -221,7 +271,7 @@ def _check_shared_options(shared: bool, *, storage, study, worker, heartbeat, tr
 
 
 def _finish(recipe, spec, checkpoints, run_dir, records, started, *, evaluated, study, device, quiet, merge_best,
-            out_shard_size, push, private, include_queries) -> TuneResult:  # fmt: skip
+            log, out_shard_size, push, private, include_queries) -> TuneResult:  # fmt: skip
     """The Pareto front, the pick, best.yml, the merged model with its card, and the push."""
     from dots_merge.merge.driver import merge
     from dots_merge.report.plots import plot_pareto
@@ -239,14 +289,17 @@ def _finish(recipe, spec, checkpoints, run_dir, records, started, *, evaluated, 
         marker = run_dir / "model.json"
         wanted = {"trial": summary["pick"], "recipe": best_text}
         if not (model_dir.is_dir() and marker.exists() and json.loads(marker.read_text()) == wanted):
+            log.phase(f"merging trial #{summary['pick']} into {model_dir}")
             merge(run_dir / "best.yml", model_dir, device=device, force=True, quiet=quiet,
                   cache_dir=run_dir / "cache", out_shard_size=out_shard_size)  # fmt: skip
             write_atomic(marker, json.dumps(wanted) + "\n")
+            log.phase("merged")
         _write_card(model_dir, run_dir, records, summary, spec, checkpoints, include_queries)
     push_url = None
     if push is not None:
         from dots_merge.hub import push as publish
 
+        log.phase(f"publishing {model_dir} as {push}")
         published = publish(model_dir, push, private=private)
         push_url = published.commit_url
     return TuneResult(

@@ -4,6 +4,7 @@
     trials/NNNN.yml   the complete recipe of each trial, runnable with `dots-merge merge`
     trials.jsonl      one record per finished trial (fsynced before the next trial starts)
     claims.json       the local store's trials in flight, put back and failed
+    tune.log          when each phase began and ended, with every warning (appended by each session)
     pareto.json, pareto.png, best.yml, model/   written when the budget is reached
 """
 
@@ -12,17 +13,48 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from dots_merge.errors import DotsMergeError, RunMismatchError
-from dots_merge.fileio import write_atomic
+from dots_merge.fileio import disk_full_is_an_error, write_atomic
 from dots_merge.tune.identity import first_difference
 from dots_merge.version import __version__
 
 LOG = logging.getLogger(__name__)
 RUN_FILE, TRIALS_FILE, TRIALS_DIR, CLAIMS_FILE = "run.json", "trials.jsonl", "trials", "claims.json"
+LOG_FILE = "tune.log"
+
+
+class RunLog:
+    """RUN_DIR/tune.log: a timestamped line per phase, and every warning dots-merge logs meanwhile."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOG_FILE
+        self._handler = logging.FileHandler(self.path, encoding="utf-8")
+        self._handler.setLevel(logging.WARNING)
+        self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+
+    def __enter__(self) -> RunLog:
+        logging.getLogger("dots_merge").addHandler(self._handler)
+        self.phase(f"dots-merge {__version__}: session started (pid {os.getpid()})")
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is not None and issubclass(kind, KeyboardInterrupt):
+            self.phase("session interrupted (Ctrl-C or SIGTERM); the running trial was put back")
+        elif kind is not None:
+            self.phase(f"session failed: {kind.__name__}: {error}")
+        logging.getLogger("dots_merge").removeHandler(self._handler)
+        self._handler.close()
+
+    def phase(self, message: str) -> None:
+        """Append one timestamped line."""
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(f"{stamp} {message}\n")
 
 
 def trial_path(run_dir: Path, number: int) -> Path:
@@ -47,7 +79,7 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             if i < len(lines) - 1 and any(x.strip() for x in lines[i + 1 :]):
                 raise DotsMergeError(f"{path}: line {i + 1} is not JSON; the file is damaged") from None
-            LOG.warning("%s: dropping an unfinished last line left by a crash", path)
+            LOG.warning("%s: its last line was cut short by a crash; that trial is evaluated again", path)
             with open(path, "r+b") as f:
                 f.truncate(good_end)
             break
@@ -56,8 +88,10 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def append_record(run_dir: Path, record: dict[str, Any]) -> None:
-    """Append one trial record and make it durable before returning."""
-    with open(Path(run_dir) / TRIALS_FILE, "a", encoding="utf-8") as f:
+    """Append one trial record and make it durable before returning (a line cut by a crash or a full disk is
+    dropped by `read_records`, and its trial redone)."""
+    path = Path(run_dir) / TRIALS_FILE
+    with disk_full_is_an_error(path, "recording a trial"), open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())

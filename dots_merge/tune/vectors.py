@@ -10,6 +10,7 @@ A trial that only changes λ is then one pass of additions (`dots_merge.core.com
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from collections import OrderedDict
 from collections.abc import Callable
@@ -20,8 +21,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dots_merge.core import TopK, norm_ratio, sparse_task_vector
+from dots_merge.fileio import disk_full_is_an_error
 
+CACHE_VERSION = 1  # in the names of spilled files
 VectorKey = tuple[str, str, int]  # (model, tensor, k); k = -1 for the base tensor itself
+_Key = tuple[str, str, int, str, bool]  # a VectorKey + the dtype the inputs were loaded in + whether norms were taken
 
 
 class VectorStore:
@@ -31,10 +35,10 @@ class VectorStore:
         self.device = device
         self.budget = default_budget(device) if budget is None else budget
         self.spill_dir = spill_dir
-        self._kept: OrderedDict[VectorKey, tuple[torch.Tensor, float]] = OrderedDict()
+        self._kept: OrderedDict[_Key, tuple[torch.Tensor, float]] = OrderedDict()
         self._bytes = 0
-        self._in_use: set[VectorKey] = set()  # what the current trial uses: never evicted during it
-        self._spilled: dict[VectorKey, tuple[Path, float]] = {}
+        self._in_use: set[_Key] = set()  # what the current trial uses: never evicted during it
+        self._spilled: dict[_Key, tuple[Path, float]] = {}
         if spill_dir is not None:  # vectors spilled by an earlier session may be stale
             shutil.rmtree(spill_dir, ignore_errors=True)
 
@@ -44,7 +48,7 @@ class VectorStore:
 
     def base(self, name: str, base: torch.Tensor) -> torch.Tensor:
         """The base tensor as flat float32 on the device, kept while the budget allows."""
-        key = ("", name, -1)
+        key = ("", name, -1, str(base.dtype), False)
         if key in self._kept:
             self._in_use.add(key)
             return self._kept[key][0]
@@ -61,7 +65,10 @@ class VectorStore:
         check_finite: bool,
         norms: bool,
     ) -> tuple[torch.Tensor, float]:
-        """S(τ) (flat float32) and ‖τ‖/‖S(τ)‖ of this tensor (1.0 unless `norms`), computed on first use."""
+        """S(τ) (flat float32) and ‖τ‖/‖S(τ)‖ of this tensor (1.0 unless `norms`), computed on first use.
+
+        Kept by `key`, the dtype of `base` (inputs loaded in another dtype give other numbers) and `norms`."""
+        key = (*key, str(base.dtype), norms)
         if key in self._kept:
             self._in_use.add(key)
             self._kept.move_to_end(key)
@@ -89,7 +96,7 @@ class VectorStore:
         if self.spill_dir is not None:
             shutil.rmtree(self.spill_dir, ignore_errors=True)
 
-    def _keep(self, key: VectorKey, value: tuple[torch.Tensor, float]) -> tuple[torch.Tensor, float]:
+    def _keep(self, key: _Key, value: tuple[torch.Tensor, float]) -> tuple[torch.Tensor, float]:
         """Keep `value` if it fits the budget, evicting what this trial does not use; return it either way."""
         self._in_use.add(key)
         size = value[0].numel() * value[0].element_size()
@@ -104,13 +111,21 @@ class VectorStore:
         self._bytes += size
         return value
 
-    def _spill(self, key: VectorKey, value: tuple[torch.Tensor, float]) -> None:
+    def _spill(self, key: _Key, value: tuple[torch.Tensor, float]) -> None:
         """Write a task vector that does not fit in memory to `spill_dir` (base tensors are not spilled)."""
         if self.spill_dir is None or key[2] < 0:
             return
-        self.spill_dir.mkdir(parents=True, exist_ok=True)
-        path = self.spill_dir / f"{hashlib.sha256(repr(key).encode()).hexdigest()[:24]}.safetensors"
-        save_file({"values": value[0].detach().to("cpu").contiguous()}, str(path))
+        name = hashlib.sha256(repr((CACHE_VERSION, key)).encode()).hexdigest()[:24]
+        path = self.spill_dir / f"{name}.safetensors"
+        partial = path.with_suffix(".partial")
+        with disk_full_is_an_error(self.spill_dir, "spilling task vectors that do not fit in memory"):
+            try:
+                self.spill_dir.mkdir(parents=True, exist_ok=True)
+                save_file({"values": value[0].detach().to("cpu").contiguous()}, str(partial))
+                os.replace(partial, path)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
         self._spilled[key] = (path, value[1])
 
 

@@ -39,7 +39,7 @@ class Tuner(ABC):
         k = len(self.history) + self.skipped
         if k < len(self.initial):
             return list(self.initial[k])
-        if k < len(self.initial) + self.startup:
+        if k < len(self.initial) + self.startup or len(self.history) < 2:  # a model needs points to fit
             return self._space_filling(k - len(self.initial))
         return self._guided(k)
 

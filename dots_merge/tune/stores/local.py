@@ -8,14 +8,26 @@ asks what an uninterrupted one would have asked.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from dots_merge.errors import DotsMergeError
+from dots_merge.faults import fault_point
 from dots_merge.fileio import write_atomic
-from dots_merge.tune.run_folder import CLAIMS_FILE, append_record, read_records, recipe_numbers
+from dots_merge.tune.run_folder import (
+    CLAIMS_FILE,
+    TRIALS_DIR,
+    append_record,
+    read_records,
+    recipe_numbers,
+    trial_path,
+    write_records,
+)
 from dots_merge.tune.samplers.base import Tuner
 from dots_merge.tune.stores.base import Trial, TrialStore
+
+LOG = logging.getLogger(__name__)
 
 
 class LocalStore(TrialStore):
@@ -25,16 +37,18 @@ class LocalStore(TrialStore):
         self.run_dir, self.sampler, self._budget = Path(run_dir), sampler, budget
         self._records = read_records(self.run_dir)
         claims = self._read_claims()
+        unrecorded = self._drop_records_without_recipe()
         finished = {r["number"] for r in self._records}
         self._failed: list[dict[str, Any]] = claims.get("failed", [])
         failed = {f["number"] for f in self._failed}
-        lost = [c for c in claims.get("running", []) if c["number"] not in finished | failed]  # left by a crash
+        redo = finished | failed | {r["number"] for r in unrecorded}
+        lost = [c for c in claims.get("running", []) if c["number"] not in redo]  # left running by a crash
         self._queued: list[dict[str, Any]] = [
-            *({"point": c["point"], "retry_of": c["number"]} for c in lost),
+            *({"point": c["point"], "retry_of": c["number"]} for c in [*lost, *unrecorded]),
             *claims.get("queued", []),
         ]
         self._running: dict[int, dict[str, Any]] = {}
-        self._used = finished | failed | {c["number"] for c in claims.get("running", [])}
+        self._used = finished | failed | {c["number"] for c in [*claims.get("running", []), *unrecorded]}
         sampler.load([(r["point"], (r["consistency"], r["perplexity"])) for r in self._records])
         sampler.skipped = len(self._failed)
         self._save()
@@ -63,6 +77,7 @@ class LocalStore(TrialStore):
 
     def tell(self, trial: Trial, record: dict[str, Any]) -> bool:
         append_record(self.run_dir, record)
+        fault_point("record")
         self._records.append(record)
         self.sampler.tell(trial.point, (record["consistency"], record["perplexity"]))
         self._running.pop(trial.number, None)
@@ -79,6 +94,17 @@ class LocalStore(TrialStore):
         self._running.pop(trial.number, None)
         self._queued.insert(0, {"point": trial.point, "retry_of": trial.number})
         self._save()
+
+    def _drop_records_without_recipe(self) -> list[dict[str, Any]]:
+        """Records whose trials/NNNN.yml is gone (a partial copy, a crash): their trials are redone, as one warning
+        says; trials.jsonl keeps every other record as it was."""
+        missing = [r for r in self._records if not trial_path(self.run_dir, r["number"]).exists()]
+        if missing:
+            LOG.warning("%s: %d trial recipe(s) missing (%s); those trials are evaluated again", self.run_dir / TRIALS_DIR,
+                        len(missing), ", ".join(f"#{r['number']}" for r in missing))  # fmt: skip
+            self._records = [r for r in self._records if r not in missing]
+            write_records(self.run_dir, self._records)
+        return missing
 
     def _read_claims(self) -> dict[str, Any]:
         path = self.run_dir / CLAIMS_FILE

@@ -1,7 +1,8 @@
 """Every use of optuna's private or experimental API, in one place, checked against the supported releases.
 
-optuna has no public accessor for a trial's storage id (`Trial._trial_id`), and its heartbeat tools
-(`fail_stale_trials`, `RetryHeartbeatStaleTrialCallback`) are marked experimental. A release may change any of
+optuna has no public accessor for a trial's storage id (`Trial._trial_id`) nor for whether a trial has a heartbeat
+(the RDB storage's `TrialHeartbeatModel`), and its heartbeat tools (`fail_stale_trials`,
+`RetryHeartbeatStaleTrialCallback`) are marked experimental. A release may change any of
 them: `check()` says which one and which releases this module was written for (`tests/test_compat.py` runs it).
 """
 
@@ -22,6 +23,7 @@ class OptunaChanged(RuntimeError):
 def _optuna():
     import optuna
 
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     return optuna
 
 
@@ -46,6 +48,15 @@ def check() -> None:
     trial = study.ask()
     if not isinstance(getattr(trial, "_trial_id", None), int):
         raise OptunaChanged(f"{where}: Trial._trial_id is gone")
+    try:
+        from optuna.storages._rdb.models import TrialHeartbeatModel
+
+        storage = optuna.storages.RDBStorage("sqlite:///:memory:")
+        has_heartbeat(storage, 0)
+    except (ImportError, AttributeError) as error:
+        raise OptunaChanged(f"{where}: the heartbeat table is not where it was ({error})") from None
+    if not callable(getattr(TrialHeartbeatModel, "where_trial_id", None)):
+        raise OptunaChanged(f"{where}: TrialHeartbeatModel.where_trial_id is gone")
 
 
 def trial_id(trial: Any) -> int:
@@ -72,3 +83,14 @@ def ask(study: Any, distributions: dict[str, Any]) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "heartbeat is supposed to be used with Study.optimize"
         return study.ask(distributions)
+
+
+def has_heartbeat(storage: Any, trial_id: int) -> bool:
+    """Whether the RDB storage holds a heartbeat for the trial (optuna's stale check skips trials without one)."""
+    from optuna.storages._rdb.models import TrialHeartbeatModel
+
+    session = storage.scoped_session()
+    try:
+        return TrialHeartbeatModel.where_trial_id(trial_id, session) is not None
+    finally:
+        storage.scoped_session.remove()

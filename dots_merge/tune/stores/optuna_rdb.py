@@ -21,10 +21,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from dots_merge.errors import DotsMergeError, RunMismatchError
+from dots_merge.faults import fault_point
 from dots_merge.tune.identity import first_difference
 from dots_merge.tune.samplers.optuna import distributions, import_optuna, sampler_factory
 from dots_merge.tune.stores import optuna_compat
@@ -313,14 +315,20 @@ class OptunaStore(TrialStore):
         return min(5.0, max(0.2, self.heartbeat / 2))
 
     def reap(self) -> list[int]:
-        """Fail the trials whose worker is gone (stale heartbeat, or a dead process on this host) and queue
-        them again; returns their numbers."""
+        """Fail the trials whose worker is gone (stale heartbeat; no heartbeat at all once the grace period after
+        the trial's start has passed; a dead process on this host) and queue them again; returns their numbers."""
         before = {t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         optuna_compat.fail_stale_trials(self.study)
         retry = self.storage.get_heartbeat_stale_trial_callback()
+        now = datetime.now()
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if self.identity.is_dead_local(t.user_attrs.get(WORKER_ATTR) or {}):
-                trial_id = optuna_compat.trial_id(t)
+            trial_id = optuna_compat.trial_id(t)
+            never_beat = (
+                t.datetime_start is not None
+                and (now - t.datetime_start).total_seconds() > 2 * self.heartbeat
+                and not optuna_compat.has_heartbeat(self.storage, trial_id)
+            )
+            if never_beat or self.identity.is_dead_local(t.user_attrs.get(WORKER_ATTR) or {}):
                 try:
                     if self.storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
                         retry(self.study, self.storage.get_trial(trial_id))
@@ -363,6 +371,7 @@ class OptunaStore(TrialStore):
         running = trial.handle
         try:
             running.trial.set_user_attr(RECORD_ATTR, record)
+            fault_point("record")
             self.study.tell(running.trial, [record["consistency"], record["perplexity"]])
         except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError) as exc:
             LOG.warning("trial #%d was given up as stale by another worker; its result is dropped (%s)",

@@ -1,0 +1,40 @@
+"""Fault injection for the tests: `DOTS_MERGE_FAULTS` makes the process kill or interrupt itself at a named point.
+
+    DOTS_MERGE_FAULTS="generate:3:kill,record:1:int"
+
+kills the process (SIGKILL) the 3rd time it reaches `fault_point("generate")`, or sends it SIGINT the 1st time it
+reaches `fault_point("record")`. Points: load, prepass, generate, record, merge. Without the variable, a point
+costs one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_SIGNALS = {"kill": signal.SIGKILL, "int": signal.SIGINT, "term": signal.SIGTERM}
+_plan: dict[str, tuple[int, str]] | None = None
+_hits: dict[str, int] = {}
+
+
+def _parse(text: str) -> dict[str, tuple[int, str]]:
+    plan = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, hit, action = item.split(":")
+        if action not in _SIGNALS:
+            raise ValueError(f"DOTS_MERGE_FAULTS: unknown action {action!r} (use {', '.join(_SIGNALS)})")
+        plan[name] = (int(hit), action)
+    return plan
+
+
+def fault_point(name: str) -> None:
+    """Where a test may stop this process: does nothing unless `DOTS_MERGE_FAULTS` names this point."""
+    global _plan
+    if _plan is None:
+        _plan = _parse(os.environ.get("DOTS_MERGE_FAULTS", ""))
+    if name not in _plan:
+        return
+    _hits[name] = _hits.get(name, 0) + 1
+    hit, action = _plan[name]
+    if _hits[name] == hit:
+        os.kill(os.getpid(), _SIGNALS[action])
