@@ -38,3 +38,10 @@ def fault_point(name: str) -> None:
     hit, action = _plan[name]
     if _hits[name] == hit:
         os.kill(os.getpid(), _SIGNALS[action])
+
+
+def reset() -> None:
+    """Read `DOTS_MERGE_FAULTS` again at the next point, with no hits counted (a forked child starting afresh)."""
+    global _plan
+    _plan = None
+    _hits.clear()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from dots_merge.cli.main import main
@@ -35,8 +36,17 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     report = json.loads((root / "report.json").read_text())
     expected = {"base", "sft", "rlvr", "task_arithmetic", "ties", "dare", "dots_untuned", "dots_tuned"}
     assert set(report["accuracy"]) == expected
-    assert all(0.0 <= v <= 1.0 for v in report["accuracy"].values())
+    for name, overall in report["accuracy"].items():  # equal counts per family: overall = mean of the families
+        by_family = report["accuracy_by_family"][name]
+        assert set(by_family) == set(FAMILIES) and overall == pytest.approx(sum(by_family.values()) / len(FAMILIES))
     assert report["seconds"] > 0 and report["trials"] == 4
+    pareto = json.loads((root / "run" / "pareto.json").read_text())
+    pick = report["picked"]["trial"]
+    assert pick == pareto["pick"] and pick in pareto["front"]
+    assert (root / "run" / "best.yml").read_text() == (root / "run" / "trials" / f"{pick:04d}.yml").read_text()
+    models = json.loads((root / "analysis" / "analysis.json").read_text())["models"]
+    norms = sorted(m["l2_norm"] for m in models.values())  # both parents moved away from the base, differently
+    assert len(norms) == 2 and norms[0] > 0 and norms[1] > norms[0]
     for path in ("report.md", "run/pareto.png", "run/model/README.md", "analysis/analysis.json",
                  "analysis/module_share.png", "queries.jsonl", "demo.yml"):  # fmt: skip
         assert (root / path).exists(), path

@@ -113,7 +113,7 @@ def test_an_interrupted_trial_is_put_back_and_the_message_says_how_to_resume(lla
                           text=True, timeout=300)  # fmt: skip
     assert done.returncode == 130, done.stderr
     last = done.stderr.strip().splitlines()[-1]
-    assert "the running one was put back" in last and f"--out {run} --resume" in last
+    assert "a running trial is put back" in last and f"--out {run} --resume" in last
     claims = json.loads((run / "claims.json").read_text())
     assert [q["retry_of"] for q in claims["queued"]] == [1] and claims["running"] == []
     put_back = claims["queued"][0]["point"]

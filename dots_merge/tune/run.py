@@ -132,7 +132,8 @@ def tune(
         authenticate()  # fail fast, before the first trial
 
     run_dir = Path(run_dir)
-    hint = _resume_command(recipe, run_dir, backend=backend, storage=storage, study=study, worker=worker)
+    hint = _resume_command(recipe, run_dir, trials=trials, seed=seed, backend=backend, pick_rule=pick_rule,
+                           storage=storage, study=study, worker=worker)  # fmt: skip
     with _sigterm_as_interrupt():
         try:
             store, where = _open_store(recipe, spec, checkpoints, run_dir, resume=resume, storage=storage,
@@ -153,16 +154,19 @@ def tune(
                                include_queries=include_queries)  # fmt: skip
         except KeyboardInterrupt:
             raise Interrupted(
-                f"interrupted: finished trials are kept and the running one was put back; go on with: {hint}"
+                f"interrupted: finished trials are kept and a running trial is put back; go on with: {hint}"
             ) from None
 
 
-def _resume_command(recipe, run_dir: Path, *, backend, storage, study, worker) -> str:
-    """The command that continues this run (the storage URL without its password)."""
+def _resume_command(recipe, run_dir: Path, *, trials, seed, backend, pick_rule, storage, study, worker) -> str:
+    """The command that continues this run with the options it was given (the storage URL without its password)."""
     from dots_merge.tune.stores.optuna_rdb import redact
 
     words = ["dots-merge", "tune", recipe.source, "--out", str(run_dir)]
+    words += ["--trials", str(trials)] if trials is not None and not worker else []
+    words += ["--seed", str(seed)] if seed is not None else []
     words += ["--backend", backend] if backend else []
+    words += ["--pick", pick_rule] if pick_rule else []
     words += ["--storage", redact(storage)] if storage else []
     words += ["--study", study] if study else []
     words += ["--worker"] if worker else ["--resume"]

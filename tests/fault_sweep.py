@@ -1,0 +1,160 @@
+"""Fault injection for `dots-merge tune`: kill (SIGKILL) or interrupt (SIGINT) the process at random moments,
+resume after each, and check that nothing was lost, duplicated or corrupted.
+
+Used by `tests/test_fault_injection.py` (CI) and, longer, by `benchmarks/fault_sweep.py`. The moments are the
+fault points of `dots_merge.faults`: loading, the pre-pass, generation, the record write and the final merge.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dots_merge import faults as fault_points
+
+CLI = [sys.executable, "-c", "import sys; from dots_merge.cli.main import main; sys.exit(main(sys.argv[1:]))"]
+POINTS = {"load": 1, "prepass": 30, "generate": 3, "record": 2, "merge": 20}  # point → largest hit drawn
+
+
+@dataclass
+class SweepResult:
+    fired: list[str] = field(default_factory=list)  # the faults that stopped a session
+    missed: list[str] = field(default_factory=list)  # sessions that finished before their fault point
+    sessions: int = 0
+
+
+def schedule(kills: int, interrupts: int, seed: int) -> list[str]:
+    """`kills` SIGKILLs and `interrupts` SIGINTs at random points and hits: the first during loading, then the
+    trial-time ones shuffled, the final merge's last (a session only merges once every trial is done)."""
+    rng = random.Random(seed)
+    during = ["load", "prepass", "generate", "record"]
+    faults = [f"{p}:{rng.randint(1, POINTS[p])}:kill" for p in rng.choices(during, k=kills - 3)]
+    faults += [f"{p}:{rng.randint(1, POINTS[p])}:int" for p in rng.choices(during[1:], k=interrupts)]
+    rng.shuffle(faults)
+    return ["load:1:kill", *faults, *(f"merge:{rng.randint(1, POINTS['merge'])}:kill" for _ in range(2))]
+
+
+def _records(run_dir: Path) -> list[dict]:
+    path = run_dir / "trials.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
+
+
+def _forked(args: list[str], fault: str | None, timeout: float) -> tuple[int, str]:
+    """One `dots-merge` session in a child forked from this process, which has imported everything already: a
+    real process (a SIGKILL kills it alone) that starts in milliseconds instead of seconds."""
+    import tqdm
+
+    if tqdm.tqdm.monitor is not None:  # a thread may not hold tqdm's lock at the fork: stop the monitor thread
+        tqdm.tqdm.monitor.exit()
+        tqdm.tqdm.monitor = None
+    tqdm.tqdm.monitor_interval = 0
+    with tempfile.TemporaryFile() as err:
+        pid = os.fork()
+        if pid == 0:  # the child: its own stdout/stderr and fault plan; exits without the parent's atexit
+            code = 1
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, 1)
+                os.dup2(err.fileno(), 2)
+                sys.stderr = os.fdopen(2, "w", buffering=1)
+                os.environ["DOTS_MERGE_FAULTS"] = fault or ""
+                fault_points.reset()
+                tqdm.tqdm.set_lock(tqdm.std.TqdmDefaultWriteLock())
+                from dots_merge.cli.main import main
+
+                code = main(args)
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + timeout
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise AssertionError(f"session under {fault} did not end within {timeout} s")
+            time.sleep(0.05)
+        err.seek(0)
+        text = err.read().decode(errors="replace")
+    return (-os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)), text
+
+
+def _spawned(args: list[str], fault: str | None, timeout: float) -> tuple[int, str]:
+    """One `dots-merge` session as a fresh Python process (cold start: imports, everything)."""
+    env = {**os.environ, "DOTS_MERGE_FAULTS": fault or ""}
+    done = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    return done.returncode, done.stderr
+
+
+def sweep(recipe: Path, run_dir: Path, faults: list[str], *, extra: list[str] = (), timeout: float = 300,
+          max_sessions: int = 60, fork: bool = False) -> SweepResult:  # fmt: skip
+    """Run the tune under each fault in turn, then once more without faults; raise AssertionError on any trial
+    lost, duplicated or rewritten. A session that finishes before its fault point is counted as missed. With
+    `fork`, sessions are children forked from this process (see `_forked`), else fresh interpreters."""
+    result = SweepResult()
+    seen: dict[int, dict] = {}
+    started = False
+    pending = list(faults)
+    while True:
+        fault = pending[0] if pending else None
+        args = ["tune", str(recipe), "--out", str(run_dir), "--quiet", *extra, *(["--resume"] if started else [])]
+        returncode, stderr = (_forked if fork else _spawned)(args, fault, timeout)
+        result.sessions += 1
+        started = started or (run_dir / "run.json").exists()
+        for r in _records(run_dir):  # a finished trial, once recorded, must never change or vanish
+            assert seen.setdefault(r["number"], r) == r, f"trial #{r['number']} changed after {fault}"
+        if fault is None:
+            assert returncode == 0, stderr
+            break
+        expected = -signal.SIGKILL if fault.endswith(":kill") else 130
+        if returncode == expected:
+            result.fired.append(fault)
+            if fault.endswith(":int"):
+                assert "--resume" in stderr.strip().splitlines()[-1], stderr
+        elif returncode == 0:  # the run finished first: the fault point was never reached this often
+            result.missed.append(fault)
+        else:
+            raise AssertionError(f"session under {fault} exited {returncode}: {stderr[-2000:]}")
+        pending.pop(0)
+        assert result.sessions < max_sessions, "too many sessions"
+    final = _records(run_dir)
+    numbers = [r["number"] for r in final]
+    assert len(numbers) == len(set(numbers)), f"duplicate trial numbers: {numbers}"
+    assert all(seen[n] == r for n, r in zip(numbers, final, strict=True)), "a finished trial was rewritten"
+    assert set(seen) == set(numbers), f"finished trials lost: {sorted(set(seen) - set(numbers))}"
+    return result
+
+
+def check_final_state(run_dir: Path, budget: int, storage_records: list[dict] | None = None, *,
+                      fork: bool = False) -> None:  # fmt: skip
+    """The budget of distinct finished trials, trials.jsonl equal to the store, best.yml's merge in model/."""
+    import torch
+    from safetensors.torch import load_file
+
+    records = _records(run_dir)
+    assert len(records) == budget and len({r["number"] for r in records}) == budget
+    for r in records:
+        assert (run_dir / "trials" / f"{r['number']:04d}.yml").exists(), r["number"]
+    if storage_records is not None:
+        assert records == storage_records
+    else:  # the local store: nothing left in flight
+        claims = json.loads((run_dir / "claims.json").read_text())
+        assert claims["running"] == [] and claims["queued"] == []
+    again = run_dir.parent / f"{run_dir.name}-best-merged"
+    code, stderr = (_forked if fork else _spawned)(["merge", str(run_dir / "best.yml"), str(again), "--quiet",
+                                                    "--force"], None, 300)  # fmt: skip
+    assert code == 0, stderr
+    ours, theirs = load_file(run_dir / "model" / "model.safetensors"), load_file(again / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
