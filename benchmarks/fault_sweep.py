@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--interrupts", type=int, default=5)
-    parser.add_argument("--budget", type=int, default=20)
+    parser.add_argument("--budget", type=int, default=80)
     parser.add_argument("--postgres", metavar="URL", help="also sweep a study on this PostgreSQL server")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "_work" / "faults")
     parser.add_argument("--spawn", action="store_true",

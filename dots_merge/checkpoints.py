@@ -27,6 +27,7 @@ SAFETENSORS_DTYPES = {
 }  # fmt: skip
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _MAX_HEADER = 100 * 1024 * 1024
 
@@ -53,6 +54,11 @@ class Checkpoint:
     config: dict[str, Any]
     weight_files: list[Path]
     tensors: dict[str, TensorInfo] | None  # None for pickle checkpoints
+
+    @property
+    def has_tokenizer(self) -> bool:
+        """Whether the folder holds a tokenizer."""
+        return any((self.path / f).is_file() for f in TOKENIZER_FILES)
 
     @property
     def architecture(self) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 from dots_merge import faults as fault_points
 
 CLI = [sys.executable, "-c", "import sys; from dots_merge.cli.main import main; sys.exit(main(sys.argv[1:]))"]
-POINTS = {"load": 1, "prepass": 30, "generate": 3, "record": 2, "merge": 20}  # point → largest hit drawn
+POINTS = {"load": 1, "prepass": 20, "generate": 3, "record": 2, "merge": 20}  # point → largest hit drawn
 
 
 @dataclass
@@ -32,14 +32,20 @@ class SweepResult:
 
 
 def schedule(kills: int, interrupts: int, seed: int) -> list[str]:
-    """`kills` SIGKILLs and `interrupts` SIGINTs at random points and hits: the first during loading, then the
-    trial-time ones shuffled, the final merge's last (a session only merges once every trial is done)."""
+    """`kills` SIGKILLs and `interrupts` SIGINTs and SIGTERMs (alternating, Ctrl-C first) at random hits: a kill
+    while loading, one in the pre-pass and a Ctrl-C in it (the first trial's pre-pass always runs; a later trial's
+    may be a cache hit when the sampler repeats a density), then kills and interrupts during generation, the
+    record write or loading in random order, and two kills in the final merge last (a session only merges once
+    every trial is done)."""
     rng = random.Random(seed)
-    during = ["load", "prepass", "generate", "record"]
-    faults = [f"{p}:{rng.randint(1, POINTS[p])}:kill" for p in rng.choices(during, k=kills - 3)]
-    faults += [f"{p}:{rng.randint(1, POINTS[p])}:int" for p in rng.choices(during[1:], k=interrupts)]
-    rng.shuffle(faults)
-    return ["load:1:kill", *faults, *(f"merge:{rng.randint(1, POINTS['merge'])}:kill" for _ in range(2))]
+    first = ["load:1:kill", f"prepass:{rng.randint(1, POINTS['prepass'])}:kill",
+             f"prepass:{rng.randint(1, POINTS['prepass'])}:int"]  # fmt: skip
+    during = ["load", "generate", "record", "generate", "record"]
+    middle = [f"{p}:{rng.randint(1, POINTS[p])}:kill" for p in rng.choices(during, k=kills - 4)]
+    points = rng.choices(during[1:], k=interrupts - 1)
+    middle += [f"{p}:{rng.randint(1, POINTS[p])}:{('term', 'int')[i % 2]}" for i, p in enumerate(points)]
+    rng.shuffle(middle)
+    return [*first, *middle, *(f"merge:{rng.randint(1, POINTS['merge'])}:kill" for _ in range(2))]
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -120,7 +126,7 @@ def sweep(recipe: Path, run_dir: Path, faults: list[str], *, extra: list[str] = 
         expected = -signal.SIGKILL if fault.endswith(":kill") else 130
         if returncode == expected:
             result.fired.append(fault)
-            if fault.endswith(":int"):
+            if not fault.endswith(":kill"):
                 assert "--resume" in stderr.strip().splitlines()[-1], stderr
         elif returncode == 0:  # the run finished first: the fault point was never reached this often
             result.missed.append(fault)
@@ -143,6 +149,7 @@ def check_final_state(run_dir: Path, budget: int, storage_records: list[dict] | 
     from safetensors.torch import load_file
 
     records = _records(run_dir)
+    assert not list(run_dir.glob(".model.partial-*")), "a killed merge left its partial folder behind"
     assert len(records) == budget and len({r["number"] for r in records}) == budget
     for r in records:
         assert (run_dir / "trials" / f"{r['number']:04d}.yml").exists(), r["number"]

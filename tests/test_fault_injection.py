@@ -1,5 +1,6 @@
-"""`dots-merge tune` killed with SIGKILL at 10 random moments and interrupted with SIGINT at 3, on every trial
-store: after each, `--resume` finishes with no trial lost, duplicated or corrupted (tests/fault_sweep.py)."""
+"""`dots-merge tune` killed with SIGKILL at 10 random moments and interrupted with SIGINT at 3 and SIGTERM at 2, on
+every trial store: after each, `--resume` finishes with no trial lost, duplicated or corrupted
+(tests/fault_sweep.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from tests.conftest import write_recipe
 from tests.fault_sweep import check_final_state, schedule, sweep
 from tests.test_tune import tune_recipe
 
-BUDGET = 12
+BUDGET = 20
 
 
 @pytest.fixture(params=["local", "sqlite", "postgresql"])
@@ -31,9 +32,9 @@ def test_kills_and_interrupts_lose_nothing(llama_trio, tmp_path, store):
     data["tune"]["generation"] = {"samples": 2, "max_new_tokens": 4, "batch_size": 4}
     recipe = write_recipe(tmp_path / "recipe.yml", data)
     run = tmp_path / "run"
-    faults = schedule(kills=10, interrupts=3, seed=sum(map(ord, kind)))
+    faults = schedule(kills=10, interrupts=5, seed=sum(map(ord, kind)))  # 3 SIGINT, 2 SIGTERM
     result = sweep(recipe, run, faults, extra=extra, timeout=300, fork=True)
-    assert result.missed == [] and len(result.fired) == 13  # every fault stopped a session mid-run
+    assert result.missed == [] and len(result.fired) == 15  # every fault stopped a session mid-run
     storage_records = None
     if kind != "local":
         from dots_merge.tune.stores.optuna_rdb import RECORD_ATTR, WORKER_ATTR, _driver_url

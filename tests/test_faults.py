@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -23,29 +24,27 @@ CLI = [sys.executable, "-c", "import sys; from dots_merge.cli.main import main; 
 
 
 def test_the_prepass_cache_misses_whenever_its_numbers_would_change(llama_trio, tmp_path, monkeypatch):
+    trio = {name: shutil.copytree(path, tmp_path / name) for name, path in llama_trio.items()}
     cache = tmp_path / "cache"
 
     def cached(recipe: dict) -> bool:
         return dots_merge.merge(recipe, tmp_path / "out", force=True, cache_dir=cache).prepass_cached
 
-    recipe = dots_recipe(llama_trio)
+    recipe = dots_recipe(trio)
     assert not cached(recipe) and cached(recipe)  # a miss, then a hit
-    assert not cached(dots_recipe(llama_trio, dtype="bfloat16"))  # inputs loaded in another dtype
-    other_density = dots_recipe(llama_trio)
+    assert not cached(dots_recipe(trio, dtype="bfloat16"))  # inputs loaded in another dtype
+    other_density = dots_recipe(trio)
     other_density["models"][1]["parameters"]["density"] = 0.25
     assert not cached(other_density)
     monkeypatch.setattr(prepass, "CACHE_VERSION", prepass.CACHE_VERSION + 1)  # another cache format
     assert not cached(recipe) and cached(recipe)
-    weights = llama_trio["rlvr"] / "model.safetensors"  # retrained in place: same size, same mtime
+    weights = trio["rlvr"] / "model.safetensors"  # retrained in place: same size, same mtime
     stat, data = weights.stat(), bytearray(weights.read_bytes())
-    try:
-        data[-64:] = bytes(64)
-        weights.write_bytes(bytes(data))
-        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-        assert not cached(recipe)
-    finally:
-        weights.write_bytes(bytes(data))  # keep the session's trio usable: rewrite what the other tests expect
-    assert cached(dots_recipe(llama_trio, parameters={"rescale": "tensor"})) is False  # no pre-pass for `tensor`
+    data[-64:] = bytes(64)
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert not cached(recipe)
+    assert not cached(dots_recipe(trio, parameters={"rescale": "tensor"}))  # `tensor` needs no pre-pass at all
 
 
 def test_the_vector_store_keys_on_dtype_and_rescale_mode():

@@ -38,7 +38,6 @@ from dots_merge.report.card import render_card
 
 LOG = logging.getLogger(__name__)
 RECIPE_FILE = "mergekit_config.yml"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 @dataclass
@@ -224,6 +223,7 @@ def merge(
     mergekit_compat.reset_loaders(options)
     try:
         used, prepass = prepare(recipe, checkpoints, options, cache_dir=cache, check_finite=not allow_nonfinite)
+        _remove_orphans(out_dir)
         tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -305,7 +305,7 @@ def _write_model(
     if tokenizer is not None:
         mergekit_compat.set_chat_template(tokenizer, config)
         tokenizer.save_pretrained(str(tmp))
-    elif donor is not None and any((donor.path / f).is_file() for f in TOKENIZER_FILES):
+    elif donor is not None and donor.has_tokenizer:
         mergekit_compat.copy_tokenizer(config, str(tmp), options)
     if donor is not None and (donor.path / "generation_config.json").is_file():
         shutil.copy(donor.path / "generation_config.json", tmp / "generation_config.json")
@@ -316,6 +316,25 @@ def _write_model(
 def _donor(config: Any, checkpoints: Mapping[str, Checkpoint]) -> Checkpoint | None:
     ref = config.base_model or config.referenced_models()[0]
     return checkpoints.get(str(ref))
+
+
+def _remove_orphans(out_dir: Path) -> None:
+    """Delete the partial folders that merges killed before they finished (their process is gone) left beside
+    `out_dir`."""
+    for partial in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
+        pid = partial.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:

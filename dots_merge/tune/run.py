@@ -32,7 +32,6 @@ from dots_merge.tune.run_folder import RunLog, open_run, recipe_numbers, trial_p
 from dots_merge.tune.stores.base import TrialStore
 
 LOG = logging.getLogger(__name__)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 @dataclass
@@ -53,7 +52,7 @@ class TuneResult:
 
 def require_tokenizer(base) -> None:
     """Tuning generates text: the base model folder must hold a tokenizer."""
-    if not any((base.path / f).is_file() for f in TOKENIZER_FILES):
+    if not base.has_tokenizer:
         raise DotsMergeError(f"model {base.reference}: no tokenizer in {base.path} (tune generates text with it)")
 
 
