@@ -35,11 +35,9 @@ def main() -> None:
                         help="each session a fresh interpreter (cold start, slower) instead of a forked child")  # fmt: skip
     args = parser.parse_args()
 
-    import optuna
     import yaml
 
-    from dots_merge.tune.stores.optuna_rdb import RECORD_ATTR, WORKER_ATTR, _driver_url
-    from tests.fault_sweep import check_final_state, schedule, sweep
+    from tests.fault_sweep import check_final_state, schedule, stored_records, sweep
     from tests.test_tune import QUERIES
     from tests.toy_models import build_trio
 
@@ -59,13 +57,7 @@ def main() -> None:
             started = time.perf_counter()
             result = sweep(recipe, run, schedule(args.kills, args.interrupts, seed), extra=extra, timeout=900,
                            max_sessions=10 * (args.kills + args.interrupts), fork=not args.spawn)  # fmt: skip
-            stored = None
-            if url is not None:
-                study = optuna.load_study(study_name=extra[-1], storage=_driver_url(url))
-                done = sorted((t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE),
-                              key=lambda t: t.number)  # fmt: skip
-                stored = [{**t.user_attrs[RECORD_ATTR], "worker": t.user_attrs[WORKER_ATTR]["name"]} for t in done]
-            check_final_state(run, args.budget, stored, fork=not args.spawn)
+            check_final_state(run, args.budget, stored_records(extra), fork=not args.spawn)
             rows.append((kind, seed, len(result.fired), len(result.missed), result.sessions,
                          time.perf_counter() - started))  # fmt: skip
             print(f"{kind} seed {seed}: {len(result.fired)} faults fired, {len(result.missed)} missed, "

@@ -165,3 +165,34 @@ def check_final_state(run_dir: Path, budget: int, storage_records: list[dict] | 
     ours, theirs = load_file(run_dir / "model" / "model.safetensors"), load_file(again / "model.safetensors")
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def stored_records(extra: list[str]) -> list[dict] | None:
+    """The records of the finished trials in the optuna study that `--storage URL --study NAME` name (None for the
+    local store), as the run folder mirrors them."""
+    if "--storage" not in extra:
+        return None
+    import optuna
+
+    from dots_merge.tune.stores.optuna_rdb import RECORD_ATTR, WORKER_ATTR, _driver_url
+
+    url, name = extra[extra.index("--storage") + 1], extra[extra.index("--study") + 1]
+    study = optuna.load_study(study_name=name, storage=_driver_url(url))
+    done = sorted((t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE),
+                  key=lambda t: t.number)  # fmt: skip
+    return [{**t.user_attrs[RECORD_ATTR], "worker": t.user_attrs[WORKER_ATTR]["name"]} for t in done]
+
+
+def main() -> None:
+    """`python -m tests.fault_sweep RECIPE RUN_DIR BUDGET FAULTS_JSON [EXTRA...]`: one sweep and its final checks in
+    this fresh interpreter, whose forked sessions then inherit no thread pool that a test already started (a child
+    forked after OpenMP ran in its parent can hang). Prints the result as JSON; storage records come from EXTRA's
+    --storage/--study when given."""
+    recipe, run_dir, budget, faults_json, *extra = sys.argv[1:]
+    result = sweep(Path(recipe), Path(run_dir), json.loads(faults_json), extra=extra, fork=True)
+    check_final_state(Path(run_dir), int(budget), stored_records(extra), fork=True)
+    print(json.dumps({"fired": result.fired, "missed": result.missed, "sessions": result.sessions}))
+
+
+if __name__ == "__main__":
+    main()

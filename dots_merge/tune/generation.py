@@ -8,7 +8,14 @@ from collections.abc import Sequence
 import torch
 import tqdm
 
+from dots_merge.errors import DotsMergeError
 from dots_merge.faults import fault_point
+
+
+def require_tokenizer(base) -> None:
+    """Tuning generates text: the base model folder (a `Checkpoint`) must hold a tokenizer."""
+    if not base.has_tokenizer:
+        raise DotsMergeError(f"model {base.reference}: no tokenizer in {base.path} (tune generates text with it)")
 
 
 def load_tokenizer(model_dir, *, trust_remote_code: bool = False):

@@ -69,9 +69,8 @@ def select_queries(
     )
     from dots_merge.tune.answers import answer_comparator, make_extractor
     from dots_merge.tune.candidate import ResidentCandidate
-    from dots_merge.tune.generation import load_tokenizer
+    from dots_merge.tune.generation import load_tokenizer, require_tokenizer
     from dots_merge.tune.objectives import score
-    from dots_merge.tune.run import require_tokenizer
 
     if n < 1:
         raise DotsMergeError(f"--n: must be at least 1, got {n}")

@@ -26,6 +26,7 @@ import tqdm
 from dots_merge.errors import DotsMergeError, Interrupted, RecipeError
 from dots_merge.fileio import write_atomic
 from dots_merge.recipe import Recipe
+from dots_merge.tune.generation import require_tokenizer
 from dots_merge.tune.identity import fingerprints, portable_identity, run_identity
 from dots_merge.tune.pareto import front, hypervolume, pick, reference_point
 from dots_merge.tune.run_folder import RunLog, open_run, recipe_numbers, trial_path, write_records
@@ -48,12 +49,6 @@ class TuneResult:
     push_url: str | None = None
     evaluated: int = 0  # trials this process evaluated
     study: str | None = None  # "NAME in URL" (password hidden) for a shared study
-
-
-def require_tokenizer(base) -> None:
-    """Tuning generates text: the base model folder must hold a tokenizer."""
-    if not base.has_tokenizer:
-        raise DotsMergeError(f"model {base.reference}: no tokenizer in {base.path} (tune generates text with it)")
 
 
 def _summary(records: list[dict[str, Any]], rule: str) -> dict[str, Any]:
