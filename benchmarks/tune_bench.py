@@ -49,7 +49,7 @@ def bench_trial(work: Path, trials: int) -> dict:
     from dots_merge.tune.answers import answer_comparator, make_extractor
     from dots_merge.tune.candidate import ResidentCandidate
     from dots_merge.tune.generation import load_tokenizer
-    from dots_merge.tune.objectives import score
+    from dots_merge.tune.objectives import make_objectives, score
     from tests.toy_models import build_trio
 
     root = work / "trio100m"
@@ -83,7 +83,7 @@ def bench_trial(work: Path, trials: int) -> dict:
         lam = [1.0 + 0.1 * t, 1.0 - 0.05 * t]
         started = time.perf_counter()
         _, update = candidate.apply(trial_recipe(recipe, space, lam))
-        s = score(candidate.model, tokenizer, queries, suffix="", extract=extract, equal=equal,
+        s = score(candidate.model, tokenizer, queries, objectives=make_objectives(), suffix="", extract=extract, equal=equal,
                   generation=Generation(samples=7, temperature=0.6, max_new_tokens=64, batch_size=16), seed=0)  # fmt: skip
         total = time.perf_counter() - started
         rows.append(

@@ -97,10 +97,14 @@ def test_a_full_disk_during_the_merge_is_one_clear_error_and_leaves_no_output(ll
 
 
 def test_nonfinite_objectives_say_why():
-    assert nonfinite_reason(0.5, 3.2, torch.float16) is None
-    reason = nonfinite_reason(0.5, float("inf"), torch.float16)
+    def values(c, p, s=0.5):
+        return {"consistency": c, "perplexity": p, "self_certainty": s}
+
+    assert nonfinite_reason(values(0.5, 3.2), torch.float16) is None
+    reason = nonfinite_reason(values(0.5, float("inf")), torch.float16)
     assert reason == "perplexity overflowed in float16 (inf): use out_dtype bfloat16 or float32"
-    assert "logits are not finite" in nonfinite_reason(0.5, float("nan"), torch.bfloat16)
+    assert "logits are not finite" in nonfinite_reason(values(0.5, float("nan")), torch.bfloat16)
+    assert nonfinite_reason(values(0.5, 3.2, float("nan")), torch.float32) == "self_certainty is nan"
 
 
 @pytest.mark.parametrize("signal_name", ["int", "term"])

@@ -28,6 +28,12 @@ from dots_merge.tune.objectives import perplexity
         ("<answer> 17 </answer> and \\boxed{3}", "17"),
         ("The answer is 12.", "12"),
         ("so the answer is: $x+1$.", "x+1"),
+        ("The answer is 12 apples, since 5 + 7 = 12", "12"),  # X, not the rest of the line
+        ("Therefore the answer is 3/4 of the cake.", "3/4"),
+        (r"the answer is \boxed{7} (checked)", "7"),
+        (r"the answer is \frac{1}{2} because", r"\frac{1}{2}"),
+        ("The answer is **-4.5**.", "-4.5"),
+        ("the answer is unclear, maybe 8 or 9", "9"),  # nothing after "is": the last number
         ("we get 3 apples and 5 pears", "5"),
         ("no digits here", None),
         (r"\boxed{unclosed", None),
@@ -91,12 +97,18 @@ def tiny_lm(llama_trio):
 def test_perplexity_by_hand(tiny_lm):
     model, tok = tiny_lm
     queries = ["1 + 2 = 3", "the answer is 4 5 6 7 8"]
-    nlls = query_nll(model, tok, queries, batch_size=2)
-    for q, got in zip(queries, nlls, strict=True):
+    templated = query_nll(model, tok, queries, batch_size=2, over="templated")
+    nlls = query_nll(model, tok, queries, batch_size=2)  # the default: the query's own tokens
+    for q, whole, own in zip(queries, templated, nlls, strict=True):
         ids = torch.tensor([chat_prompt(tok, q)])
         logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
-        expected = -logp[torch.arange(ids.shape[1] - 1), ids[0, 1:]].mean().item()
-        assert got == pytest.approx(expected, rel=1e-5)
+        token_nll = -logp[torch.arange(ids.shape[1] - 1), ids[0, 1:]]
+        assert whole == pytest.approx(token_nll.mean().item(), rel=1e-5)
+        # "<|user|> q... <|end|> <|assistant|>": the query's tokens are ids[1 : 1 + n], predicted by logits[0 : n]
+        n = len(q.split())
+        assert tok.convert_ids_to_tokens(ids[0, 1 : 1 + n].tolist()) == q.split()
+        assert own == pytest.approx(token_nll[:n].mean().item(), rel=1e-5)
+        assert own != pytest.approx(whole, rel=1e-3)
     assert query_nll(model, tok, queries, batch_size=1) == pytest.approx(nlls, rel=1e-5)
     assert perplexity(nlls) == pytest.approx(math.exp(sum(nlls) / 2))
     assert "<|user|>" in tok.decode(chat_prompt(tok, "1 + 2"))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dots_merge.tune.pareto import dominates, front, hypervolume, pick, reference_point
+from dots_merge.tune.objectives import make_objectives, reference_point
+from dots_merge.tune.pareto import dominates, front, hypervolume, pick
 
 
 def test_front_and_domination():
@@ -18,7 +19,7 @@ def test_hypervolume_by_hand():
     assert hypervolume([(0.5, 3.0), (0.9, 5.0), (0.4, 4.0)], (0.0, 10.0)) == pytest.approx(5.5)
     assert hypervolume([(0.5, 12.0)], (0.0, 10.0)) == 0.0
     assert hypervolume([], (0.0, 10.0)) == 0.0
-    assert reference_point([(0.5, 3.0), (0.2, 10.0)]) == (0.0, 11.0)
+    assert reference_point([(0.5, 3.0), (0.2, 10.0)], make_objectives()) == (0.0, 11.0)
 
 
 def test_knee_is_the_point_farthest_from_the_extremes_line():

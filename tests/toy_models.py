@@ -56,6 +56,29 @@ def save_tokenizer(path: Path, vocab: int) -> None:
     fast.save_pretrained(str(path))
 
 
+SPECIAL_IDS = {"pad": 1, "bos": 2, "eos": 3}  # as `save_tokenizer` numbers them
+DIGIT_IDS = range(7, 17)
+
+
+@torch.no_grad()
+def _answer_briefly(model, hidden: int, vocab: int) -> None:
+    """Make the random model talk like a terse solver: mostly digits, and an end-of-sequence token after a few of
+    them, so that samples finish and carry an answer. Every embedding gets a constant component that dominates
+    the last hidden state; the output rows of digits and EOS lean on it (by +3 and +4 in the logits)."""
+    for key, value in SPECIAL_IDS.items():
+        setattr(model.config, f"{key}_token_id", value)
+        setattr(model.generation_config, f"{key}_token_id", value)
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    embed[:, 0] += 1.0
+    lift = torch.zeros(vocab)
+    lift[[i for i in DIGIT_IDS if i < vocab]] = 3.0
+    lift[SPECIAL_IDS["eos"]] = 4.0
+    if head is embed:  # tied: every row already has the constant; lean on it by a little more
+        head[:, 0] += lift / hidden**0.5
+    else:
+        head[:, 0] = lift / hidden**0.5
+
+
 def _save(model, path: Path, dtype: torch.dtype, shard_size: str | None, tokenizer: bool, vocab: int) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     model.to(dtype).save_pretrained(str(path), max_shard_size=shard_size or "50GB")
@@ -89,6 +112,7 @@ def build_trio(
         _config(arch, hidden, layers, vocab, tied, intermediate, heads), dtype=torch.float32
     )
     model.config._name_or_path = ""
+    _answer_briefly(model, hidden, vocab)
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     paths = {"base": _save(model, root / "base", dtype, shard_size, tokenizer, vocab)}
     gen = torch.Generator().manual_seed(seed + 1)

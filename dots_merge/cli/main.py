@@ -94,7 +94,12 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trials", type=int, help="trial budget (default: tune.trials)")
     p.add_argument("--seed", type=int, help="seed (default: tune.seed)")
     p.add_argument("--backend", choices=["bayes", "optuna", "random"], help="search backend (default: tune.backend)")
-    p.add_argument("--pick", choices=["knee", "utopia", "max_consistency", "min_perplexity"], help="pick rule")
+    p.add_argument("--pick", metavar="RULE",
+                   help="pick rule: knee, utopia, validation (needs tune.validation), or max_/min_ an objective "
+                        "(e.g. max_consistency) (default: tune.pick)")  # fmt: skip
+    p.add_argument("--strict", action="store_true",
+                   help="stop with an error where the samples make the label-free signal doubtful (truncation, no "
+                        "answers, consistency within its sampling noise) instead of warning")  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument(
         "--resume", action="store_true", help="continue the run in RUN_DIR after a crash or with more trials"
@@ -140,6 +145,7 @@ def _run_tune(args: argparse.Namespace) -> int:
         worker=args.worker,
         heartbeat=args.heartbeat,
         trust_remote_code=args.trust_remote_code,
+        strict=args.strict,
     )
     if result.pick is None:
         print(f"worker: evaluated {result.evaluated} trials of study {result.study}; "
@@ -149,8 +155,18 @@ def _run_tune(args: argparse.Namespace) -> int:
         print(f"study {result.study}: this process evaluated {result.evaluated} of its trials")
     best = next(r for r in result.records if r["number"] == result.pick)
     print(f"{len(result.records)} trials; Pareto front: {', '.join(f'#{n}' for n in result.front)}")
-    print(f"pick ({result.rule}): trial #{result.pick}  consistency {best['consistency']:.4f}  "
-          f"perplexity {best['perplexity']:.4f}  {best['params']}")  # fmt: skip
+    values = "  ".join(f"{name} {best[name]:.4f}" for name in result.objectives)
+    print(f"pick ({result.rule}): trial #{result.pick}  {values}  {best['params']}")
+    if result.validation is not None:
+        v = result.validation
+        acc = v["accuracy"].get(str(result.pick))
+        if acc is not None:
+            print(f"validation ({v['items']} labeled problems): pick majority {acc['majority']:.3f} "
+                  f"greedy {acc['greedy']:.3f}")  # fmt: skip
+        print("  Spearman ρ with validation accuracy: " + ", ".join(
+            f"{name} {rho:+.2f}" if rho is not None else f"{name} n/a" for name, rho in v["spearman"].items()))
+    for warning in result.warnings:
+        print(f"warning: {warning}")
     if result.model_dir is not None:
         print(f"merged model: {result.model_dir}")
     if result.push_url:

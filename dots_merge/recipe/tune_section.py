@@ -17,12 +17,16 @@ from dots_merge.errors import RecipeError
 from dots_merge.recipe.recipe import Recipe, model_entries, model_name
 
 BACKENDS = ("bayes", "optuna", "random")
-PICK_RULES = ("knee", "utopia", "max_consistency", "min_perplexity")
+PICK_RULES = ("knee", "utopia", "validation")  # and max_NAME / min_NAME: the best front point by one objective
+EXTREME_RULE = re.compile(r"(max|min)_([a-z][a-z0-9_]*)")
+DEFAULT_OBJECTIVES = ("consistency", "perplexity")
+PERPLEXITY_OVER = ("query", "templated")
+VALIDATION_ITEMS = (10, 200)  # how many labeled problems tune.validation may hold
 ANSWER_RULES = ("auto", "boxed", "last_number")
 PARAMS = {"weight": 1.0, "density": 0.3}  # searchable parameters and their defaults
 DEFAULT_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
 _TUNE_KEYS = {"queries", "trials", "seed", "backend", "pick", "generation", "prompt_suffix", "answer", "compare",
-              "space", "initial"}  # fmt: skip
+              "space", "initial", "objectives", "perplexity", "validation"}  # fmt: skip
 _GENERATION_KEYS = {"samples", "temperature", "top_p", "max_new_tokens", "batch_size"}
 _SPACE_KEYS = {"model", "param", "low", "high", "filter"}
 
@@ -54,6 +58,22 @@ class Dimension:
         return f"{name}[{self.filter}]" if self.filter else name
 
 
+@dataclass(frozen=True)
+class ValidationSet:
+    """`tune.validation`: a few labeled problems, used after the search only, to score front points."""
+
+    path: Path
+    prompts: list[str]
+    labels: list[str]
+    points: str = "front"  # which trials are scored: the front (and the pick) or all
+
+    @property
+    def digest(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(json.dumps([self.prompts, self.labels]).encode()).hexdigest()[:16]
+
+
 @dataclass
 class TuneSpec:
     """The validated `tune:` section."""
@@ -69,6 +89,9 @@ class TuneSpec:
     answer: str = "auto"
     compare: str = "auto"
     initial: list[list[float]] = field(default_factory=list)
+    objectives: list[str] = field(default_factory=lambda: list(DEFAULT_OBJECTIVES))
+    perplexity_over: str = "query"
+    validation: ValidationSet | None = None
 
     @property
     def labels(self) -> list[str]:
@@ -140,9 +163,12 @@ def parse_tune(recipe: Recipe, *, load_queries: bool = True) -> TuneSpec:
     backend = raw.get("backend", "bayes")
     if backend not in BACKENDS:
         _fail(src, "tune.backend", f"must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    objectives = _objectives(src, raw.get("objectives", list(DEFAULT_OBJECTIVES)))
     pick = raw.get("pick", "knee")
-    if pick not in PICK_RULES:
-        _fail(src, "tune.pick", f"must be one of {', '.join(PICK_RULES)}, got {pick!r}")
+    check_pick(pick, objectives, where=f"{src}: tune.pick")
+    validation = _validation(src, raw.get("validation"), base_dir) if load_queries else None
+    if pick == "validation" and "validation" not in raw:
+        _fail(src, "tune.pick", "validation needs labeled problems: add `tune.validation: FILE.jsonl`")
     answer = raw.get("answer", "auto")
     if not isinstance(answer, str) or not (answer in ANSWER_RULES or answer.startswith("regex:")):
         _fail(src, "tune.answer", f"must be auto, boxed, last_number or regex:PATTERN, got {answer!r}")
@@ -170,7 +196,73 @@ def parse_tune(recipe: Recipe, *, load_queries: bool = True) -> TuneSpec:
         answer=answer,
         compare=compare,
         initial=_initial_points(recipe, space, raw.get("initial")),
+        objectives=objectives,
+        perplexity_over=_perplexity(src, raw.get("perplexity")),
+        validation=validation,
     )
+
+
+def check_pick(pick: Any, objectives: list[str], *, where: str) -> None:
+    """A pick rule this search can apply: knee, utopia, validation, or max_NAME / min_NAME of one of its
+    objectives (the direction is checked where the objectives are known)."""
+    extreme = EXTREME_RULE.fullmatch(pick) if isinstance(pick, str) else None
+    if pick in PICK_RULES or (extreme and extreme.group(2) in objectives):
+        return
+    extremes = ", ".join(f"max_{o} or min_{o}" for o in objectives)
+    raise RecipeError(f"{where}: must be one of {', '.join(PICK_RULES)}, {extremes}; got {pick!r}")
+
+
+def _objectives(src: str, raw: Any) -> list[str]:
+    if not isinstance(raw, list) or len(raw) < 2 or not all(isinstance(o, str) and o for o in raw):
+        _fail(src, "tune.objectives", f"a list of two or more objective names, got {raw!r}")
+    if len(set(raw)) != len(raw):
+        _fail(src, "tune.objectives", f"lists an objective twice: {raw}")
+    return list(raw)
+
+
+def _perplexity(src: str, raw: Any) -> str:
+    if raw is None:
+        return "query"
+    if not isinstance(raw, dict) or set(raw) - {"over"}:
+        _fail(src, "tune.perplexity", "a mapping {over: query|templated}")
+    over = raw.get("over", "query")
+    if over not in PERPLEXITY_OVER:
+        _fail(src, "tune.perplexity.over", f"must be one of {', '.join(PERPLEXITY_OVER)}, got {over!r}")
+    return over
+
+
+def _validation(src: str, raw: Any, base_dir: Path) -> ValidationSet | None:
+    """`tune.validation: FILE.jsonl` or `{file: FILE.jsonl, points: front|all}`; {"prompt", "answer"} lines."""
+    if raw is None:
+        return None
+    setting = {"file": raw} if isinstance(raw, str) else raw
+    if not isinstance(setting, dict) or not isinstance(setting.get("file"), str) or set(setting) - {"file", "points"}:
+        _fail(src, "tune.validation", "a JSONL file of {\"prompt\", \"answer\"} lines, or {file: FILE, points: front|all}")
+    points = setting.get("points", "front")
+    if points not in ("front", "all"):
+        _fail(src, "tune.validation.points", f"must be front or all, got {points!r}")
+    path = Path(setting["file"]) if Path(setting["file"]).is_absolute() else base_dir / setting["file"]
+    if not path.is_file():
+        raise RecipeError(f"{path}: validation file not found (tune.validation in {src})")
+    prompts, labels = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise RecipeError(f"{path}:{number}: not a JSON object") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise RecipeError(f'{path}:{number}: no "prompt" string')
+        answer = row.get("answer")
+        if isinstance(answer, bool) or not isinstance(answer, str | int | float) or not str(answer).strip():
+            raise RecipeError(f'{path}:{number}: no "answer" (a string or a number)')
+        prompts.append(row["prompt"])
+        labels.append(str(answer))
+    low, high = VALIDATION_ITEMS
+    if not low <= len(prompts) <= high:
+        raise RecipeError(f"{path}: {len(prompts)} labeled problems; tune.validation takes {low} to {high}")
+    return ValidationSet(path=path, prompts=prompts, labels=labels, points=points)
 
 
 def _generation(src: str, raw: Any) -> Generation:
@@ -183,8 +275,11 @@ def _generation(src: str, raw: Any) -> Generation:
     for key in ("samples", "max_new_tokens", "batch_size"):
         if _number(src, f"tune.generation.{key}", getattr(g, key), integer=True) < 1:
             _fail(src, f"tune.generation.{key}", "must be at least 1")
-    if _number(src, "tune.generation.temperature", g.temperature) < 0:
-        _fail(src, "tune.generation.temperature", "must be ≥ 0")
+    if g.samples < 2:
+        _fail(src, "tune.generation.samples", f"must be at least 2 (one sample always agrees with itself), got {g.samples}")
+    if _number(src, "tune.generation.temperature", g.temperature) <= 0:
+        _fail(src, "tune.generation.temperature",
+              f"must be above 0 (at {g.temperature} every sample is the same and consistency is 1 for every candidate)")  # fmt: skip
     if not 0 < _number(src, "tune.generation.top_p", g.top_p) <= 1:
         _fail(src, "tune.generation.top_p", "must be in (0, 1]")
     return g

@@ -37,6 +37,10 @@ class TuningSummary:
     include_queries: bool = False
     plot: str | None = "pareto.png"
     labels: list[str] = field(default_factory=list)
+    objectives: list[str] = field(default_factory=lambda: ["consistency", "perplexity"])
+    health: dict | None = None  # the pick's sample health (shares of finished / truncated / no-answer samples)
+    warnings: list[str] = field(default_factory=list)
+    validation: dict | None = None  # few-label validation: accuracies by trial, Spearman's ρ per objective
 
     @property
     def queries_sha256(self) -> str:
@@ -137,11 +141,11 @@ def render_card(
         lines += [
             "## Limitations",
             "",
-            "The coefficients were chosen without labels, by two unsupervised proxies: answer self-consistency "
-            "rewards answers the model gives confidently, not correct ones, and the perplexity of the queries "
-            "measures how familiar the prompts are to the model, not how well it solves them. The tuning queries are "
-            "few; the pick may fit them rather than the task. Evaluate the model on labeled benchmarks of your own "
-            "before relying on it.",
+            "The coefficients were chosen without labels, by unsupervised proxies: answer self-consistency and "
+            "self-certainty reward answers the model gives confidently, not correct ones, and the perplexity of the "
+            "queries measures how familiar the prompts are to the model, not how well it solves them. The tuning "
+            "queries are few; the pick may fit them rather than the task. Evaluate the model on labeled benchmarks "
+            "of your own before relying on it.",
             "",
         ]
     card = ModelCard.from_template(
@@ -169,31 +173,81 @@ def _coefficients_table(recipe: Recipe, factors: Mapping[str, float]) -> list[st
     return out
 
 
+OBJECTIVE_TEXT = {
+    "consistency": "answer self-consistency (higher is better)",
+    "perplexity": "the perplexity of the queries (lower is better)",
+    "self_certainty": "self-certainty, the distance of the next-token distribution from uniform (higher is better)",
+}
+
+
+def _objective_text(names: list[str]) -> str:
+    texts = [OBJECTIVE_TEXT.get(n, f"`{n}`") for n in names]
+    return ", ".join(texts[:-1]) + " and " + texts[-1] if len(texts) > 1 else texts[0]
+
+
 def _tuning_section(t: TuningSummary) -> list[str]:
     labels = t.labels or list(t.pick["params"])
+    objectives = t.objectives
     out = [
         "## Test-time search",
         "",
         f"The coefficients were searched on {len(t.queries)} unlabeled queries (sha256 `{t.queries_sha256}`) "
-        f"over {t.trials} trials in {_duration(t.seconds)}; each candidate was scored by answer "
-        "self-consistency (higher is better) and the perplexity of the queries (lower is better). "
-        f"Picked: trial **#{t.pick['number']}** by the `{t.rule}` rule "
+        f"over {t.trials} trials in {_duration(t.seconds)}; each candidate was scored by "
+        f"{_objective_text(objectives)}. Picked: trial **#{t.pick['number']}** by the `{t.rule}` rule "
         f"(hypervolume of the front {t.hypervolume:.4g}).",
         "",
         "Pareto front:",
         "",
-        "| trial | " + " | ".join(labels) + " | consistency | perplexity |",
-        "|---" * (len(labels) + 3) + "|",
+        "| trial | " + " | ".join([*labels, *objectives]) + " |",
+        "|---" * (len(labels) + len(objectives) + 1) + "|",
     ]
     for r in sorted(t.front, key=lambda r: r["number"]):
         mark = " ✔" if r["number"] == t.pick["number"] else ""
-        values = " | ".join(f"{r['params'][k]:.4g}" for k in labels)
-        out.append(f"| #{r['number']}{mark} | {values} | {r['consistency']:.4f} | {r['perplexity']:.4f} |")
+        values = [f"{r['params'][k]:.4g}" for k in labels] + [f"{r[o]:.4f}" for o in objectives]
+        out.append(f"| #{r['number']}{mark} | " + " | ".join(values) + " |")
     out.append("")
     if t.plot:
         out += [f"![Pareto front of the search]({t.plot})", ""]
+    if t.health:
+        h = t.health
+        out += [
+            f"Samples of the picked trial: {h['finished']:.0%} finished at an end-of-sequence token, "
+            f"{h['truncated']:.0%} truncated at the token limit, {h['no_answer']:.0%} without an extractable answer, "
+            f"{h['mean_tokens']:.0f} tokens on average.",
+            "",
+        ]
+    if t.warnings:
+        out += ["Warnings about the label-free signal:", "", *[f"- {w}" for w in t.warnings], ""]
+    if t.validation:
+        out += _validation_lines(t)
     if t.include_queries:
         out += ["Queries:", "", *[f"1. {q}" for q in t.queries], ""]
+    return out
+
+
+def _validation_lines(t: TuningSummary) -> list[str]:
+    v = t.validation
+    picked = v["accuracy"].get(str(t.pick["number"]))
+    out = [
+        f"Checked on {v['items']} labeled problems after the search (labels never entered it): accuracy of the "
+        "majority answer and of greedy decoding per scored trial.",
+        "",
+        "| trial | majority | greedy |",
+        "|---|---|---|",
+    ]
+    for number, acc in sorted(v["accuracy"].items(), key=lambda kv: int(kv[0])):
+        mark = " ✔" if int(number) == t.pick["number"] else ""
+        out.append(f"| #{number}{mark} | {acc['majority']:.3f} | {acc['greedy']:.3f} |")
+    out.append("")
+    if picked is not None:
+        out += [f"The pick's validation accuracy: {picked['majority']:.3f} (majority), {picked['greedy']:.3f} (greedy).", ""]
+    rhos = [f"{name} ρ = {rho:+.2f}" if rho is not None else f"{name}: too few points or no variation"
+            for name, rho in v["spearman"].items()]  # fmt: skip
+    out += [
+        "Spearman correlation of each label-free objective with validation accuracy across the scored trials "
+        "(for an objective to trust, positive when it is maximised, negative when minimised): " + "; ".join(rhos) + ".",
+        "",
+    ]
     return out
 
 

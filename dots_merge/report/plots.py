@@ -31,10 +31,24 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
+AXIS_LABELS = {
+    "consistency": "answer consistency (higher is better)",
+    "perplexity": "perplexity of the queries (lower is better)",
+    "self_certainty": "self-certainty (higher is better)",
+}
+
+
 def plot_pareto(
-    points: Sequence[tuple[float, float]], numbers: Sequence[int], front: Sequence[int], pick: int, path: Path
+    points: Sequence[tuple[float, float]],
+    numbers: Sequence[int],
+    front: Sequence[int],
+    pick: int,
+    path: Path,
+    *,
+    names: Sequence[str] = ("consistency", "perplexity"),
 ) -> Path:
-    """Every trial (consistency, perplexity), the front joined up, the pick marked and numbered."""
+    """Every trial by its first two objectives (first on the y axis, second on the x axis), the front joined up,
+    the pick marked and numbered. With more objectives the front is the one of all of them."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.scatter([p[1] for p in points], [p[0] for p in points], s=18, color="0.6", label="trials")
@@ -55,8 +69,8 @@ def plot_pareto(
         zorder=5,
         label=f"pick #{numbers[pick]}",
     )
-    ax.set_xlabel("perplexity of the queries (lower is better)")
-    ax.set_ylabel("answer consistency (higher is better)")
+    ax.set_xlabel(AXIS_LABELS.get(names[1], names[1]))
+    ax.set_ylabel(AXIS_LABELS.get(names[0], names[0]))
     ax.set_title("DoTS test-time search")
     ax.legend()
     return save_figure(fig, path)

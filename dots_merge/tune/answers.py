@@ -11,7 +11,7 @@ from dots_merge.recipe.tune_section import ANSWER_RULES
 
 _NUMBER = r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?|-?\.\d+"
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
-_ANSWER_IS = re.compile(r"answer is[:\s]*([^\n]*)", re.IGNORECASE)
+_ANSWER_IS = re.compile(r"answer is[:\s]*", re.IGNORECASE)
 _LAST_NUMBER = re.compile(_NUMBER)
 
 
@@ -26,6 +26,40 @@ def boxed_contents(text: str) -> list[str]:
         if depth == 0:
             out.append(text[m.end() : i - 1])
     return out
+
+
+def _braced(text: str, i: int) -> int:
+    """The index just past the `{…}` group that opens at text[i] (braces matched), or -1."""
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return j + 1
+    return -1
+
+
+def _stated_answer(rest: str) -> str | None:
+    """X in "the answer is X": a `\\boxed{}`, a `$…$` or `\\(…\\)` expression, a LaTeX command with its braced
+    arguments (`\\frac{1}{2}`), or a number or fraction; None when what follows is none of these."""
+    rest = rest.lstrip().lstrip("*").lstrip()
+    if rest.startswith(("\\boxed", "\\fbox")):
+        boxed = boxed_contents(rest)
+        return boxed[0].strip() if boxed else None
+    for opener, closer in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+        if rest.startswith(opener):
+            end = rest.find(closer, len(opener))
+            return rest[len(opener) : end].strip() or None if end > 0 else None
+    command = re.match(r"-?\\[a-zA-Z]+", rest)
+    if command:
+        end = command.end()
+        while end < len(rest) and rest[end] == "{":
+            close = _braced(rest, end)
+            if close < 0:
+                return None
+            end = close
+        return rest[:end] if end > command.end() else None
+    number = re.match(_NUMBER, rest)
+    return number.group(0) if number else None
 
 
 def make_extractor(rule: str) -> Callable[[str], str | None]:
@@ -49,7 +83,8 @@ def make_extractor(rule: str) -> Callable[[str], str | None]:
 def extract_answer(text: str, rule: str = "auto") -> str | None:
     """The final answer of a completion, or None.
 
-    auto: `<answer>…</answer>`, else the last `\\boxed{…}`, else "the answer is …", else the last number.
+    auto: `<answer>…</answer>`, else the last `\\boxed{…}`, else X of the last "the answer is X" (a number,
+    fraction, `\\boxed{}` or LaTeX expression, not the rest of the line), else the last number.
     """
     if rule in ("auto",):
         tags = _ANSWER_TAG.findall(text)
@@ -62,9 +97,8 @@ def extract_answer(text: str, rule: str = "auto") -> str | None:
         if rule == "boxed":
             return None
     if rule == "auto":
-        said = _ANSWER_IS.findall(text)
-        if said:
-            answer = said[-1].strip().rstrip(".").strip().strip("$").strip()
+        for said in reversed(list(_ANSWER_IS.finditer(text))):
+            answer = _stated_answer(text[said.end() :])
             if answer:
                 return answer
     numbers = _LAST_NUMBER.findall(text)
@@ -118,14 +152,8 @@ def answer_comparator(mode: str = "auto") -> tuple[str, Callable[[str, str], boo
     return "string", lambda a, b: a == b
 
 
-def consistency(answers: Sequence[str | None], equal: Callable[[str, str], bool] | None = None) -> float:
-    """Share of the most common answer among the samples; 0 when that answer is "none extracted".
-
-    A sample with no answer stays in the denominator. Groups are formed greedily in sample order.
-    """
-    if not answers:
-        return 0.0
-    equal = equal or (lambda a, b: a == b)
+def _groups(answers: Sequence[str | None], equal: Callable[[str, str], bool]) -> list[tuple[str | None, int]]:
+    """(representative, count) of the answers grouped by `equal`, greedily in sample order; None groups with None."""
     groups: list[tuple[str | None, int]] = []
     for ans in (normalize_answer(a) for a in answers):
         for i, (rep, count) in enumerate(groups):
@@ -134,6 +162,24 @@ def consistency(answers: Sequence[str | None], equal: Callable[[str, str], bool]
                 break
         else:
             groups.append((ans, 1))
+    return groups
+
+
+def majority_answer(answers: Sequence[str | None], equal: Callable[[str, str], bool] | None = None) -> str | None:
+    """The most common extracted answer (normalised; the first seen among equally common ones), None when no
+    sample has an answer."""
+    groups = [g for g in _groups(answers, equal or (lambda a, b: a == b)) if g[0] is not None]
+    return max(groups, key=lambda g: g[1])[0] if groups else None
+
+
+def consistency(answers: Sequence[str | None], equal: Callable[[str, str], bool] | None = None) -> float:
+    """Share of the most common answer among the samples; 0 when that answer is "none extracted".
+
+    A sample with no answer stays in the denominator. Groups are formed greedily in sample order.
+    """
+    if not answers:
+        return 0.0
+    groups = _groups(answers, equal or (lambda a, b: a == b))
     best = max(count for _, count in groups)
     if any(rep is not None and count == best for rep, count in groups):
         return best / len(answers)

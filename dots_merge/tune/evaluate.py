@@ -1,5 +1,5 @@
 """One trial's work: its recipe written to trials/NNNN.yml, its weights applied to the resident candidate, its
-answers and perplexity scored into the trial's record."""
+objectives and sample health scored into the trial's record."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from dots_merge.tune.answers import answer_comparator, make_extractor
 from dots_merge.tune.candidate import ResidentCandidate
 from dots_merge.tune.generation import load_tokenizer
 from dots_merge.tune.loop import TrialFailed
-from dots_merge.tune.objectives import nonfinite_reason, score
+from dots_merge.tune.objectives import make_objectives, nonfinite_reason, score
 from dots_merge.tune.run_folder import trial_path
 from dots_merge.tune.stores.base import Trial
 from dots_merge.tune.vectors import VectorStore
@@ -46,6 +46,7 @@ class TrialEvaluator:
         self.quiet = quiet
         self.extract = make_extractor(spec.answer)
         self.comparator, self.equal = answer_comparator(spec.compare)
+        self.objectives = make_objectives(spec.objectives)
 
     def write_recipe(self, trial: Trial) -> Recipe:
         """The recipe of the trial's point, written to trials/NNNN.yml before its weights are applied."""
@@ -62,26 +63,28 @@ class TrialEvaluator:
             self.candidate.model,
             self.tokenizer,
             spec.queries,
+            objectives=self.objectives,
             suffix=spec.prompt_suffix,
             extract=self.extract,
             equal=self.equal,
             generation=spec.generation,
             seed=spec.seed,
+            perplexity_over=spec.perplexity_over,
             quiet=self.quiet,
         )
-        reason = nonfinite_reason(scores.consistency, scores.perplexity, self.candidate.dtype)
+        reason = nonfinite_reason(scores.values, self.candidate.dtype)
         if reason is not None:
             raise TrialFailed(reason)
         return {
             "number": trial.number,
             "params": dict(zip(spec.labels, trial.point, strict=True)),
             "point": trial.point,
-            "consistency": scores.consistency,
-            "perplexity": scores.perplexity,
-            "per_query_consistency": scores.per_query_consistency,
-            "per_query_nll": scores.per_query_nll,
+            **scores.values,
+            **scores.per_query,
+            "health": scores.health,
             "answers": scores.answers,
             "comparator": self.comparator,
+            "engine": "transformers",
             "seconds": {
                 "update": update_seconds,
                 "generation": scores.seconds_generation,

@@ -10,7 +10,8 @@ from typing import Any
 from dots_merge.checkpoints import Checkpoint
 from dots_merge.recipe import Recipe
 
-RESUMABLE_KEYS = ("trials", "pick")  # may change between a run and its resume
+SCORING = 2  # how trials are scored; 2: per-query sampling seeds, query-only perplexity, truncated samples answerless
+RESUMABLE_KEYS = ("trials", "pick", "validation")  # may change between a run and its resume (validation: read after the search only)
 
 
 def _settings(recipe: Recipe) -> dict[str, Any]:
@@ -31,8 +32,9 @@ def fingerprints(checkpoints: Mapping[str, Checkpoint], queries: list[str]) -> d
 
 def run_identity(recipe: Recipe, prints: dict[str, Any], seed: int, backend: str) -> dict[str, Any]:
     """The recipe as written (minus what a resume may change), the `fingerprints` of the weights and queries,
-    the seed and the backend: a resume is refused when any of them changed, even with the same paths."""
-    return {"recipe": _settings(recipe), **prints, "seed": seed, "backend": backend}
+    the seed, the backend and the scoring version: a resume is refused when any of them changed, even with the
+    same paths (trials scored by an older dots-merge are not mixed with new ones)."""
+    return {"recipe": _settings(recipe), **prints, "seed": seed, "backend": backend, "scoring": SCORING}
 
 
 def portable_identity(recipe: Recipe, prints: dict[str, Any], seed: int, backend: str) -> dict[str, Any]:
@@ -50,7 +52,7 @@ def portable_identity(recipe: Recipe, prints: dict[str, Any], seed: int, backend
     data = swap(_settings(recipe))
     if isinstance(data.get("tune"), dict):
         data["tune"]["queries"] = f"<{prints['queries']}>"
-    return {"recipe": data, "seed": seed, "backend": backend}
+    return {"recipe": data, "seed": seed, "backend": backend, "scoring": SCORING}
 
 
 def digest(identity: Mapping[str, Any]) -> str:

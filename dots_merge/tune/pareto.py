@@ -1,7 +1,7 @@
-"""Two-objective Pareto tools: maximise consistency, minimise perplexity.
+"""Pareto tools for any number of objectives, each maximised or minimised.
 
-Pure functions on lists of (consistency, perplexity) pairs: the non-dominated set, the 2-D hypervolume,
-and the rules that pick one point of the front automatically.
+Pure functions on lists of objective tuples (the defaults: (consistency ↑, perplexity ↓)): the non-dominated set,
+the hypervolume, and the rules that pick one point of the front automatically.
 """
 
 from __future__ import annotations
@@ -9,75 +9,125 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from dots_merge.recipe.tune_section import PICK_RULES
+import numpy as np
 
-Point = tuple[float, float]  # (consistency ↑, perplexity ↓)
+from dots_merge.recipe.tune_section import EXTREME_RULE
 
-
-def dominates(a: Point, b: Point) -> bool:
-    """a is at least as good as b in both objectives and better in one."""
-    return a[0] >= b[0] and a[1] <= b[1] and (a[0] > b[0] or a[1] < b[1])
-
-
-def front(points: Sequence[Point]) -> list[int]:
-    """Indices of the non-dominated points (duplicates of a front point all stay), by consistency then perplexity."""
-    idx = [i for i, p in enumerate(points) if not any(dominates(q, p) for q in points)]
-    return sorted(idx, key=lambda i: (-points[i][0], points[i][1], i))
+Point = Sequence[float]
+MAX_MIN = ("maximize", "minimize")  # consistency ↑, perplexity ↓
+DEFAULT_NAMES = ("consistency", "perplexity")
 
 
-def reference_point(points: Sequence[Point]) -> Point:
-    """The hypervolume reference: consistency 0 and 10% above the worst perplexity seen."""
-    return (0.0, 1.1 * max(p[1] for p in points))
+def _oriented(p: Point, directions: Sequence[str]) -> tuple[float, ...]:
+    """The point with every objective turned into one to maximise."""
+    return tuple(v if d == "maximize" else -v for v, d in zip(p, directions, strict=True))
 
 
-def hypervolume(points: Sequence[Point], ref: Point) -> float:
-    """Area dominated by `points` and bounded by `ref` (consistency ≥ ref[0], perplexity ≤ ref[1]).
-
-    Sweep by perplexity, best first: each point adds the strip of consistency it improves on.
-    """
-    inside = sorted((p for p in points if p[0] > ref[0] and p[1] < ref[1]), key=lambda p: (p[1], -p[0]))
-    area, best_c = 0.0, ref[0]
-    for c, ppl in inside:
-        if c > best_c:
-            area += (c - best_c) * (ref[1] - ppl)
-            best_c = c
-    return area
+def dominates(a: Point, b: Point, directions: Sequence[str] = MAX_MIN) -> bool:
+    """a is at least as good as b in every objective and better in one."""
+    x, y = _oriented(a, directions), _oriented(b, directions)
+    return all(u >= v for u, v in zip(x, y, strict=True)) and any(u > v for u, v in zip(x, y, strict=True))
 
 
-def _normalised(points: Sequence[Point]) -> list[Point]:
-    """Both objectives to [0, 1], larger is better."""
-    cs, ps = [p[0] for p in points], [p[1] for p in points]
-    c_lo, c_hi, p_lo, p_hi = min(cs), max(cs), min(ps), max(ps)
-    c_span, p_span = (c_hi - c_lo) or 1.0, (p_hi - p_lo) or 1.0
-    return [((c - c_lo) / c_span, (p_hi - p) / p_span) for c, p in points]
+def front(points: Sequence[Point], directions: Sequence[str] = MAX_MIN) -> list[int]:
+    """Indices of the non-dominated points (duplicates of a front point all stay), best first by the first
+    objective, then the next."""
+    idx = [i for i, p in enumerate(points) if not any(dominates(q, p, directions) for q in points)]
+    return sorted(idx, key=lambda i: (tuple(-v for v in _oriented(points[i], directions)), i))
 
 
-def pick(points: Sequence[Point], rule: str = "knee") -> int:
-    """Index of the point chosen by `rule` among the non-dominated points of `points`.
+def _volume(points: list[tuple[float, ...]], ref: tuple[float, ...]) -> float:
+    """Volume dominated by `points` (maximised, all better than `ref` in every coordinate) above `ref`:
+    slices along the last coordinate, each the (d−1)-volume of the points reaching that high."""
+    if not points:
+        return 0.0
+    if len(ref) == 1:
+        return max(p[0] for p in points) - ref[0]
+    ordered = sorted(points, key=lambda p: -p[-1])
+    total = 0.0
+    for i, p in enumerate(ordered):
+        low = ordered[i + 1][-1] if i + 1 < len(ordered) else ref[-1]
+        if p[-1] > low:
+            total += (p[-1] - low) * _volume([q[:-1] for q in ordered[: i + 1]], ref[:-1])
+    return total
 
-    knee: the front point farthest from the line through the two extremes of the front (normalised);
-    utopia: nearest to the ideal point (best consistency and best perplexity, normalised);
-    max_consistency / min_perplexity: the extreme of the front. Ties go to the lower index.
-    """
-    if rule not in PICK_RULES:
-        raise ValueError(f"unknown pick rule {rule!r} (use one of {', '.join(PICK_RULES)})")
+
+def hypervolume(points: Sequence[Point], ref: Point, directions: Sequence[str] = MAX_MIN) -> float:
+    """Volume of objective space dominated by `points` and bounded by the reference point `ref`."""
+    r = _oriented(ref, directions)
+    inside = [o for o in (_oriented(p, directions) for p in points) if all(u > v for u, v in zip(o, r, strict=True))]
+    return _volume(inside, r)
+
+
+def _normalised(points: Sequence[Point], directions: Sequence[str]) -> np.ndarray:
+    """Every objective to [0, 1], larger is better."""
+    x = np.array([_oriented(p, directions) for p in points], dtype=float)
+    lo, hi = x.min(0), x.max(0)
+    return (x - lo) / np.where(hi > lo, hi - lo, 1.0)
+
+
+def knee_scores(points: Sequence[Point], directions: Sequence[str] = MAX_MIN) -> list[float] | None:
+    """Each point's distance from the hyperplane through the extremes (the best point in each objective),
+    normalised; None when the extremes do not span a hyperplane (fewer distinct extremes than objectives)."""
+    norm = _normalised(points, directions)
+    dims = norm.shape[1]
+    extremes = sorted({max(range(len(points)), key=lambda i: (norm[i, j], -i)) for j in range(dims)})
+    if len(extremes) < dims or len(points) < dims + 1:
+        return None
+    anchor = norm[extremes[0]]
+    edges = norm[extremes[1:]] - anchor
+    _, singular, vt = np.linalg.svd(edges if len(edges) else np.zeros((1, dims)))
+    if len(edges) and singular[-1] < 1e-12 * max(singular[0], 1.0):
+        return None
+    normal = vt[-1]
+    return [float(abs((norm[i] - anchor) @ normal)) for i in range(len(points))]
+
+
+def utopia_distances(points: Sequence[Point], directions: Sequence[str] = MAX_MIN) -> list[float]:
+    """Each point's distance from the ideal point (best in every objective), normalised."""
+    norm = _normalised(points, directions)
+    return [math.dist(row, [1.0] * norm.shape[1]) for row in norm]
+
+
+def rule_order(
+    points: Sequence[Point],
+    rule: str = "knee",
+    directions: Sequence[str] = MAX_MIN,
+    names: Sequence[str] = DEFAULT_NAMES,
+) -> list[int]:
+    """The non-dominated points of `points`, best first by `rule` (see `pick`)."""
     if not points:
         raise ValueError("no points to pick from")
-    nd = sorted(front(points))
-    if rule == "max_consistency":
-        return min(nd, key=lambda i: (-points[i][0], points[i][1], i))
-    if rule == "min_perplexity":
-        return min(nd, key=lambda i: (points[i][1], -points[i][0], i))
-    norm = _normalised([points[i] for i in nd])
-    if rule == "utopia" or len(nd) < 3:
-        return nd[min(range(len(nd)), key=lambda j: (math.dist(norm[j], (1.0, 1.0)), nd[j]))]
-    a = max(range(len(nd)), key=lambda j: (norm[j][0], -j))  # best consistency
-    b = max(range(len(nd)), key=lambda j: (norm[j][1], -j))  # best perplexity
-    (x1, y1), (x2, y2) = norm[a], norm[b]
-    length = math.hypot(x2 - x1, y2 - y1) or 1.0
+    nd = sorted(front(points, directions))
+    extreme = EXTREME_RULE.fullmatch(rule)
+    if extreme:
+        if extreme.group(2) not in names:
+            raise ValueError(f"pick rule {rule!r}: no objective {extreme.group(2)!r} (have {', '.join(names)})")
+        j = list(names).index(extreme.group(2))
+        sign = 1.0 if extreme.group(1) == "max" else -1.0
+        return sorted(nd, key=lambda i: (-sign * points[i][j], tuple(-v for v in _oriented(points[i], directions)), i))
+    if rule not in ("knee", "utopia"):
+        raise ValueError(f"unknown pick rule {rule!r} (use knee, utopia, or max_/min_ an objective)")
+    chosen = [points[i] for i in nd]
+    if rule == "knee":
+        scores = knee_scores(chosen, directions)
+        if scores is not None:
+            return [nd[j] for j in sorted(range(len(nd)), key=lambda j: (-scores[j], nd[j]))]
+    distances = utopia_distances(chosen, directions)
+    return [nd[j] for j in sorted(range(len(nd)), key=lambda j: (distances[j], nd[j]))]
 
-    def distance(j: int) -> float:
-        x0, y0 = norm[j]
-        return abs((y2 - y1) * x0 - (x2 - x1) * y0 + x2 * y1 - y2 * x1) / length
 
-    return nd[max(range(len(nd)), key=lambda j: (distance(j), -nd[j]))]
+def pick(
+    points: Sequence[Point],
+    rule: str = "knee",
+    directions: Sequence[str] = MAX_MIN,
+    names: Sequence[str] = DEFAULT_NAMES,
+) -> int:
+    """Index of the point chosen by `rule` among the non-dominated points of `points`.
+
+    knee: the front point farthest from the hyperplane through the front's extremes (with two objectives, the
+    line through the two ends), normalised; when the front has fewer points than objectives + 1 or its extremes
+    do not span a hyperplane, utopia. utopia: nearest to the ideal point, normalised. max_NAME / min_NAME: the best
+    front point by that objective. Ties go to the lower index.
+    """
+    return rule_order(points, rule, directions, names)[0]

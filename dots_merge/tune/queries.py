@@ -70,12 +70,12 @@ def select_queries(
     from dots_merge.tune.answers import answer_comparator, make_extractor
     from dots_merge.tune.candidate import ResidentCandidate
     from dots_merge.tune.generation import load_tokenizer, require_tokenizer
-    from dots_merge.tune.objectives import score
+    from dots_merge.tune.objectives import make_objectives, score
 
     if n < 1:
         raise DotsMergeError(f"--n: must be at least 1, got {n}")
-    if samples < 1:
-        raise DotsMergeError(f"--samples: must be at least 1, got {samples}")
+    if samples < 2:
+        raise DotsMergeError(f"--samples: must be at least 2 (one sample always agrees with itself), got {samples}")
     recipe = as_recipe(recipe)
     prompts = read_queries(str(Path(pool).resolve()), f"--pool {pool}", Path.cwd())
     if len(prompts) < n:
@@ -104,15 +104,15 @@ def select_queries(
             candidate.model,
             tokenizer,
             prompts,
+            objectives=make_objectives(["consistency"]),
             suffix=spec.prompt_suffix if spec else DEFAULT_SUFFIX,
             extract=extract,
             equal=equal,
             generation=dataclasses.replace(generation, samples=samples),
             seed=seed,
-            with_perplexity=False,
             quiet=quiet,
         )
-        per_model[model] = scores.per_query_consistency
+        per_model[model] = scores.per_query["per_query_consistency"]
         progress.update(len(prompts))
     progress.close()
     difficulty = [1.0 - sum(per_model[m][i] for m in finetunes) / len(finetunes) for i in range(len(prompts))]

@@ -9,6 +9,7 @@ GPUs or machines) — and run through one loop (`dots_merge.tune.loop`). A run k
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -28,9 +29,16 @@ from dots_merge.fileio import write_atomic
 from dots_merge.recipe import Recipe
 from dots_merge.tune.generation import require_tokenizer
 from dots_merge.tune.identity import fingerprints, portable_identity, run_identity
-from dots_merge.tune.pareto import front, hypervolume, pick, reference_point
+from dots_merge.tune.objectives import (
+    Objective,
+    health_warnings,
+    make_objectives,
+    reference_point,
+    spread_warning,
+)
+from dots_merge.tune.pareto import front, hypervolume, pick, rule_order
 from dots_merge.tune.run_folder import RunLog, open_run, recipe_numbers, trial_path, write_records
-from dots_merge.tune.stores.base import TrialStore
+from dots_merge.tune.stores.base import TrialStore, objective_values
 
 LOG = logging.getLogger(__name__)
 
@@ -49,20 +57,52 @@ class TuneResult:
     push_url: str | None = None
     evaluated: int = 0  # trials this process evaluated
     study: str | None = None  # "NAME in URL" (password hidden) for a shared study
+    objectives: list[str] = dataclasses.field(default_factory=lambda: ["consistency", "perplexity"])
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    validation: dict[str, Any] | None = None  # what pareto.json says of the few-label validation
 
 
-def _summary(records: list[dict[str, Any]], rule: str) -> dict[str, Any]:
-    points = [(r["consistency"], r["perplexity"]) for r in records]
+class SignalWarning(DotsMergeError):
+    """A warning about the label-free signal, raised as an error under `--strict`."""
+
+
+def check_objectives(spec, source: str) -> list[Objective]:
+    """The objectives of `tune.objectives` from the registry, and a pick rule that fits them."""
+    try:
+        objectives = make_objectives(spec.objectives)
+    except ValueError as error:
+        raise RecipeError(f"{source}: tune.objectives: {error}") from None
+    by_name = {o.name: o for o in objectives}
+    if spec.pick[:4] in ("max_", "min_") and spec.pick[4:] in by_name:
+        wanted = "maximize" if spec.pick.startswith("max_") else "minimize"
+        if by_name[spec.pick[4:]].direction != wanted:
+            better = "max" if wanted == "minimize" else "min"
+            raise RecipeError(f"{source}: pick {spec.pick}: {spec.pick[4:]} is better {'higher' if better == 'max' else 'lower'}; "
+                              f"use {better}_{spec.pick[4:]}")  # fmt: skip
+    return objectives
+
+
+def _summary(records: list[dict[str, Any]], spec, objectives: list[Objective],
+             scored: dict[int, dict[str, float]] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The front, the pick and the hypervolume of the finished trials (pick: validation needs `scored`)."""
+    names, directions = [o.name for o in objectives], [o.direction for o in objectives]
+    points = [objective_values(r, objectives) for r in records]
     numbers = [r["number"] for r in records]
-    idx = front(points)
-    chosen = pick(points, rule)
-    ref = reference_point(points)
+    idx = front(points, directions)
+    if spec.pick == "validation":
+        order = rule_order(points, "knee", directions, names)
+        best = max(scored[numbers[i]]["majority"] for i in order)
+        chosen = next(i for i in order if scored[numbers[i]]["majority"] == best)  # ties: the knee's order
+    else:
+        chosen = pick(points, spec.pick, directions, names)
+    ref = reference_point(points, objectives)
     return {
+        "objectives": [{"name": o.name, "direction": o.direction} for o in objectives],
         "front": [numbers[i] for i in idx],
         "pick": numbers[chosen],
-        "rule": rule,
-        "hypervolume": hypervolume(points, ref),
-        "reference_point": {"consistency": ref[0], "perplexity": ref[1]},
+        "rule": spec.pick,
+        "hypervolume": hypervolume(points, ref, directions),
+        "reference_point": dict(zip(names, ref, strict=True)),
         "trials": len(records),
         "_indices": (idx, chosen),
     }
@@ -89,14 +129,16 @@ def tune(
     worker: bool = False,
     heartbeat: int = 60,
     trust_remote_code: bool = False,
+    strict: bool = False,
 ) -> TuneResult:
     """Search the recipe's `tune.space` on its unlabeled queries, then merge the picked trial into RUN_DIR/model
     (with a card describing the search) and, with `push`, publish it as that Hub repo.
 
     With backend optuna the trials live in `storage` (default RUN_DIR/study.db); processes started with
-    `worker=True` on the same study only evaluate trials until it holds `trials` finished ones."""
+    `worker=True` on the same study only evaluate trials until it holds `trials` finished ones. Warnings about the
+    samples (truncation, missing answers, consistency that does not vary) become errors with `strict`."""
     from dots_merge.merge.driver import as_recipe, inspect_models, resolve_device
-    from dots_merge.recipe.tune_section import BACKENDS, parse_tune
+    from dots_merge.recipe.tune_section import BACKENDS, check_pick, parse_tune
 
     started = time.perf_counter()
     recipe = as_recipe(recipe)
@@ -110,7 +152,12 @@ def tune(
         if backend not in BACKENDS:
             raise RecipeError(f"--backend: must be one of {', '.join(BACKENDS)}")
         spec.backend = backend
-    spec.pick = pick_rule or spec.pick
+    if pick_rule is not None:
+        check_pick(pick_rule, spec.objectives, where="--pick")
+        if pick_rule == "validation" and spec.validation is None:
+            raise RecipeError("--pick validation: needs labeled problems in the recipe (tune.validation: FILE.jsonl)")
+        spec.pick = pick_rule
+    objectives = check_objectives(spec, recipe.source)
     shared = spec.backend == "optuna"
     _check_shared_options(shared, storage=storage, study=study, worker=worker, heartbeat=heartbeat,
                           trials=trials, resume=resume, push=push)  # fmt: skip
@@ -127,32 +174,65 @@ def tune(
 
     run_dir = Path(run_dir)
     hint = _resume_command(recipe, run_dir, trials=trials, seed=seed, backend=backend, pick_rule=pick_rule,
-                           storage=storage, study=study, worker=worker)  # fmt: skip
+                           storage=storage, study=study, worker=worker, strict=strict)  # fmt: skip
     with _sigterm_as_interrupt():
+        evaluator = _Evaluator(recipe, spec, checkpoints, run_dir, device=device, quiet=quiet,
+                               trust_remote_code=trust_remote_code)  # fmt: skip
         try:
-            store, where = _open_store(recipe, spec, checkpoints, run_dir, resume=resume, storage=storage,
-                                       study=study, worker=worker, heartbeat=heartbeat)  # fmt: skip
+            store, where = _open_store(recipe, spec, objectives, checkpoints, run_dir, resume=resume,
+                                       storage=storage, study=study, worker=worker, heartbeat=heartbeat)  # fmt: skip
+            evaluator.worker = store.worker
             with RunLog(run_dir) as log:
-                evaluated = _run(recipe, spec, checkpoints, run_dir, store, device=device, quiet=quiet, log=log,
-                                 trust_remote_code=trust_remote_code)  # fmt: skip
+                evaluated = _run(spec, objectives, store, evaluator, quiet=quiet, log=log, strict=strict)
                 store.sync()
                 records = store.records()
                 if worker:
                     return TuneResult(run_dir=run_dir, records=records, front=None, pick=None, rule=spec.pick,
                                       model_dir=None, seconds=time.perf_counter() - started, evaluated=evaluated,
-                                      study=where)  # fmt: skip
+                                      study=where, objectives=spec.objectives)  # fmt: skip
+                evaluator.close()  # the merge below needs the memory
                 log.phase(f"search done: {len(records)} trials")
-                return _finish(recipe, spec, checkpoints, run_dir, records, started, evaluated=evaluated,
-                               study=where, device=device, quiet=quiet, merge_best=merge_best, log=log,
-                               out_shard_size=out_shard_size, push=push, private=private,
-                               include_queries=include_queries)  # fmt: skip
+                return _finish(recipe, spec, objectives, checkpoints, run_dir, records, started, evaluator,
+                               evaluated=evaluated, study=where, device=device, quiet=quiet, merge_best=merge_best,
+                               log=log, out_shard_size=out_shard_size, push=push, private=private,
+                               include_queries=include_queries, strict=strict)  # fmt: skip
         except KeyboardInterrupt:
             raise Interrupted(
                 f"interrupted: finished trials are kept and a running trial is put back; go on with: {hint}"
             ) from None
+        finally:
+            evaluator.close()
 
 
-def _resume_command(recipe, run_dir: Path, *, trials, seed, backend, pick_rule, storage, study, worker) -> str:
+class _Evaluator:
+    """The run's `TrialEvaluator` (resident candidate, tokenizer), loaded on first use: a resumed run whose search
+    is complete loads no weights unless validation needs them."""
+
+    def __init__(self, recipe, spec, checkpoints, run_dir: Path, *, device: str, quiet: bool, trust_remote_code: bool):
+        self._args = (recipe, spec, checkpoints, run_dir)
+        self._options = {"device": device, "quiet": quiet, "trust_remote_code": trust_remote_code}
+        self.worker = "local"
+        self._value = None
+
+    def get(self, log: RunLog):
+        """The evaluator, loading the base model the first time."""
+        from dots_merge.tune.evaluate import TrialEvaluator
+
+        if self._value is None:
+            log.phase(f"loading the base model on {self._options['device']}")
+            spill = self._args[3] / "cache" / "vectors" / self.worker.replace(":", "-")
+            self._value = TrialEvaluator(*self._args, spill_dir=spill, **self._options)
+        return self._value
+
+    def close(self) -> None:
+        """Free the resident candidate (and delete its spill); a later `get` loads it again."""
+        if self._value is not None:
+            self._value.close()
+            self._value = None
+
+
+def _resume_command(recipe, run_dir: Path, *, trials, seed, backend, pick_rule, storage, study, worker,
+                    strict=False) -> str:  # fmt: skip
     """The command that continues this run with the options it was given (the storage URL without its password)."""
     from dots_merge.tune.stores.optuna_rdb import redact
 
@@ -163,6 +243,7 @@ def _resume_command(recipe, run_dir: Path, *, trials, seed, backend, pick_rule, 
     words += ["--pick", pick_rule] if pick_rule else []
     words += ["--storage", redact(storage)] if storage else []
     words += ["--study", study] if study else []
+    words += ["--strict"] if strict else []
     words += ["--worker"] if worker else ["--resume"]
     return shlex.join(words)
 
@@ -180,7 +261,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _open_store(recipe, spec, checkpoints, run_dir: Path, *, resume, storage, study, worker, heartbeat,
+def _open_store(recipe, spec, objectives, checkpoints, run_dir: Path, *, resume, storage, study, worker, heartbeat,
                 ) -> tuple[TrialStore, str | None]:  # fmt: skip
     """The run's trial store (checking or writing run.json), and for an optuna store where its study lives."""
     prints = fingerprints(checkpoints, spec.queries)
@@ -191,7 +272,7 @@ def _open_store(recipe, spec, checkpoints, run_dir: Path, *, resume, storage, st
         from dots_merge.tune.stores.local import LocalStore
 
         open_run(run_dir, identity, resume)
-        sampler = make_tuner(spec.backend, bounds, seed=spec.seed, initial=spec.initial)
+        sampler = make_tuner(spec.backend, bounds, seed=spec.seed, initial=spec.initial, objectives=objectives)
         return LocalStore(run_dir, sampler, spec.trials), None
     from dots_merge.tune.identity import digest
     from dots_merge.tune.stores.optuna_rdb import OptunaStore, default_storage, redact
@@ -203,42 +284,54 @@ def _open_store(recipe, spec, checkpoints, run_dir: Path, *, resume, storage, st
     store = OptunaStore.open(
         url, name, identity=portable, mode="join" if worker else ("resume" if resume else "create"), bounds=bounds,
         seed=spec.seed, heartbeat=heartbeat, budget=None if worker else spec.trials, initial=spec.initial,
-        mirror=lambda records: write_run_files(run_dir, recipe, spec, records),
+        mirror=lambda records: write_run_files(run_dir, recipe, spec, records), objectives=objectives,
     )  # fmt: skip
     store.sync()
     return store, f"{name} in {redact(url)}"
 
 
-def _run(recipe, spec, checkpoints, run_dir: Path, store: TrialStore, *, device: str, quiet: bool, log: RunLog,
-         trust_remote_code: bool) -> int:  # fmt: skip
-    """Evaluate trials until the store holds its budget; returns how many this process evaluated."""
-    from dots_merge.tune.evaluate import TrialEvaluator
+def _run(spec, objectives: list[Objective], store: TrialStore, evaluator: _Evaluator, *, quiet: bool, log: RunLog,
+         strict: bool) -> int:  # fmt: skip
+    """Evaluate trials until the store holds its budget; returns how many this process evaluated. The samples of
+    the first trial this process evaluates are checked (`health_warnings`); under `strict` a warning stops the run."""
     from dots_merge.tune.loop import run_trials
 
     if store.done():
         return 0
-    spill = run_dir / "cache" / "vectors" / store.worker.replace(":", "-")
-    log.phase(f"loading the base model on {device}")
-    evaluator = TrialEvaluator(recipe, spec, checkpoints, run_dir, device=device, spill_dir=spill, quiet=quiet,
-                               trust_remote_code=trust_remote_code)  # fmt: skip
+    trial_evaluator = evaluator.get(log)
     log.phase(f"trials: {len(store.records())} of {store.budget} finished")
     progress = tqdm.tqdm(total=store.budget, initial=len(store.records()), desc="Tuning", unit="trial", disable=quiet)
+    names, directions = [o.name for o in objectives], [o.direction for o in objectives]
+    rule = "knee" if spec.pick == "validation" else spec.pick
+    checked = False
 
     def show(records: list[dict[str, Any]]) -> None:
+        nonlocal checked
         last = max(records, key=lambda r: r["number"])
-        log.phase(f"trial #{last['number']} done: consistency {last['consistency']:.4f} perplexity "
-                  f"{last['perplexity']:.4g} ({', '.join(f'{k} {v:.2f} s' for k, v in last['seconds'].items())})")
-        best = records[pick([(r["consistency"], r["perplexity"]) for r in records], spec.pick)]
+        values = " ".join(f"{n} {last[n]:.4g}" for n in names)
+        log.phase(f"trial #{last['number']} done: {values} "
+                  f"({', '.join(f'{k} {v:.2f} s' for k, v in last['seconds'].items())})")  # fmt: skip
+        if not checked and "health" in last:
+            checked = True
+            _warn(health_warnings(last["health"], spec.generation.max_new_tokens), strict,
+                  where=f"trial #{last['number']}")  # fmt: skip
+        best = records[pick([objective_values(r, objectives) for r in records], rule, directions, names)]
         progress.total, progress.n = store.budget, len(records)
-        progress.set_postfix_str(
-            f"{spec.pick} #{best['number']} c={best['consistency']:.3f} ppl={best['perplexity']:.3g}"
-        )
+        progress.set_postfix_str(f"{rule} #{best['number']} " + " ".join(f"{n[:4]}={best[n]:.3g}" for n in names))
 
     try:
-        return run_trials(store, write_recipe=evaluator.write_recipe, evaluate=evaluator, on_record=show)
+        return run_trials(store, write_recipe=trial_evaluator.write_recipe, evaluate=trial_evaluator,
+                          on_record=show)  # fmt: skip
     finally:
         progress.close()
-        evaluator.close()
+
+
+def _warn(warnings: list[str], strict: bool, *, where: str) -> None:
+    """Log each warning (and keep it in tune.log); under `strict`, stop with the first as an error."""
+    for text in warnings:
+        LOG.warning("%s: %s", where, text)  # tune.log keeps warnings too
+    if strict and warnings:
+        raise SignalWarning(f"{where}: {warnings[0]} (--strict)")
 
 
 def write_run_files(run_dir: Path, recipe, spec, records: list[dict[str, Any]]) -> None:
@@ -268,17 +361,33 @@ def _check_shared_options(shared: bool, *, storage, study, worker, heartbeat, tr
                 )
 
 
-def _finish(recipe, spec, checkpoints, run_dir, records, started, *, evaluated, study, device, quiet, merge_best,
-            log, out_shard_size, push, private, include_queries) -> TuneResult:  # fmt: skip
-    """The Pareto front, the pick, best.yml, the merged model with its card, and the push."""
+def _finish(recipe, spec, objectives, checkpoints, run_dir, records, started, evaluator, *, evaluated, study, device,
+            quiet, merge_best, log, out_shard_size, push, private, include_queries, strict) -> TuneResult:  # fmt: skip
+    """Validation (when asked), the Pareto front, the pick, warnings, best.yml, the merged model with its card, and
+    the push."""
     from dots_merge.merge.driver import merge
     from dots_merge.report.plots import plot_pareto
 
-    summary = _summary(records, spec.pick)
+    scored = _validate(spec, objectives, records, run_dir, evaluator, log=log, quiet=quiet) if spec.validation else None
+    evaluator.close()
+    summary = _summary(records, spec, objectives, scored)
     idx, chosen = summary.pop("_indices")
+    by_number = {r["number"]: r for r in records}
+    picked = by_number[summary["pick"]]
+    if "health" in picked:
+        summary["pick_health"] = {k: v for k, v in picked["health"].items() if k != "per_query"}
+    warnings = health_warnings(picked["health"], spec.generation.max_new_tokens) if "health" in picked else []
+    if "consistency" in spec.objectives:
+        spread = spread_warning(records, spec.generation.samples)
+        warnings += [spread] if spread else []
+    summary["warnings"] = warnings
+    if scored is not None:
+        summary["validation"] = _validation_summary(spec, objectives, records, scored)
     write_atomic(run_dir / "pareto.json", json.dumps(summary, indent=2) + "\n")
-    points = [(r["consistency"], r["perplexity"]) for r in records]
-    plot_pareto(points, [r["number"] for r in records], idx, chosen, run_dir / "pareto.png")
+    points = [objective_values(r, objectives)[:2] for r in records]
+    plot_pareto(points, [r["number"] for r in records], idx, chosen, run_dir / "pareto.png",
+                names=[o.name for o in objectives[:2]])  # fmt: skip
+    _warn(warnings, strict, where="the search")
     best_text = trial_path(run_dir, summary["pick"]).read_text()
     write_atomic(run_dir / "best.yml", best_text)
     model_dir = None
@@ -311,7 +420,56 @@ def _finish(recipe, spec, checkpoints, run_dir, records, started, *, evaluated, 
         push_url=push_url,
         evaluated=evaluated,
         study=study,
+        objectives=spec.objectives,
+        warnings=warnings,
+        validation=summary.get("validation"),
     )
+
+
+def _validate(spec, objectives, records, run_dir: Path, evaluator: _Evaluator, *, log: RunLog, quiet: bool
+              ) -> dict[int, dict[str, float]]:  # fmt: skip
+    """Validation accuracy of the front points and the label-free pick (or of every trial), computed once per
+    trial and labeled set and kept in RUN_DIR/validation.json."""
+    from dots_merge.recipe import load_recipe
+    from dots_merge.tune.validation import accuracy, load_scored, save_scored
+
+    names, directions = [o.name for o in objectives], [o.direction for o in objectives]
+    points = [objective_values(r, objectives) for r in records]
+    numbers = [r["number"] for r in records]
+    label_free = "knee" if spec.pick == "validation" else spec.pick
+    wanted = set(numbers) if spec.validation.points == "all" else {numbers[i] for i in front(points, directions)}
+    wanted.add(numbers[pick(points, label_free, directions, names)])
+    scored = load_scored(run_dir, spec.validation)
+    missing = sorted(wanted - set(scored))
+    if missing:
+        log.phase(f"validation: scoring {len(missing)} trials on {len(spec.validation.labels)} labeled problems")
+        trial_evaluator = evaluator.get(log)
+        for number in missing:
+            trial_evaluator.candidate.apply(load_recipe(trial_path(run_dir, number)))
+            scored[number] = accuracy(trial_evaluator.candidate.model, trial_evaluator.tokenizer, spec.validation, spec,
+                                      extract=trial_evaluator.extract, equal=trial_evaluator.equal, quiet=quiet)  # fmt: skip
+            save_scored(run_dir, spec.validation, scored)
+            log.phase(f"validation: trial #{number} majority {scored[number]['majority']:.3f} "
+                      f"greedy {scored[number]['greedy']:.3f}")  # fmt: skip
+    return {n: scored[n] for n in sorted(wanted)}
+
+
+def _validation_summary(spec, objectives, records, scored: dict[int, dict[str, float]]) -> dict[str, Any]:
+    """What pareto.json, the card and the summary say of the validation: accuracies and how far each label-free
+    objective agrees with them (Spearman's ρ, sign-adjusted so that positive means the objective can be trusted)."""
+    from dots_merge.tune.validation import correlations
+
+    rho = correlations(records, scored, [o.name for o in objectives])
+    trust = {o.name: (None if rho[o.name] is None else rho[o.name] * (1 if o.direction == "maximize" else -1))
+             for o in objectives}  # fmt: skip
+    return {
+        "file": str(spec.validation.path),
+        "items": len(spec.validation.labels),
+        "points": spec.validation.points,
+        "accuracy": {str(n): v for n, v in scored.items()},
+        "spearman": rho,
+        "agreement": trust,
+    }
 
 
 def _write_card(model_dir, run_dir, records, summary, spec, checkpoints, include_queries: bool) -> None:
@@ -332,6 +490,10 @@ def _write_card(model_dir, run_dir, records, summary, spec, checkpoints, include
         queries=spec.queries,
         include_queries=include_queries,
         labels=spec.labels,
+        objectives=list(spec.objectives),
+        health=summary.get("pick_health"),
+        warnings=summary.get("warnings", []),
+        validation=summary.get("validation"),
     )
     shutil.copy(run_dir / "pareto.png", model_dir / "pareto.png")
     used = load_recipe(model_dir / "mergekit_config.yml")

@@ -3,7 +3,8 @@
 Every sampler is a function of (seed, history, skipped): `load` re-tells finished trials, so a resumed run asks
 the same next point an uninterrupted run would have asked (the optuna sampler reseeds per ask); `skip` moves on
 past a point whose evaluation failed.
-Objectives are (consistency ↑, perplexity ↓).
+Objective values are told as they are (e.g. consistency ↑, perplexity ↓); each sampler learns which way is better
+from the `Objective`s it was made with.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.stats import qmc
 
-Objectives = tuple[float, float]
+from dots_merge.tune.objectives import Objective, make_objectives
+
+Objectives = tuple[float, ...]
 
 
 class Tuner(ABC):
@@ -22,8 +25,16 @@ class Tuner(ABC):
 
     name = "base"
 
-    def __init__(self, bounds: Sequence[tuple[float, float]], *, seed: int, initial: Sequence[Sequence[float]] = ()):
+    def __init__(
+        self,
+        bounds: Sequence[tuple[float, float]],
+        *,
+        seed: int,
+        initial: Sequence[Sequence[float]] = (),
+        objectives: Sequence[Objective] | None = None,
+    ):
         self.bounds = [(float(lo), float(hi)) for lo, hi in bounds]
+        self.objectives = list(objectives) if objectives is not None else make_objectives()
         self.seed = seed
         self.initial = [list(map(float, p)) for p in initial]
         self.history: list[tuple[list[float], Objectives]] = []
@@ -45,7 +56,9 @@ class Tuner(ABC):
 
     def tell(self, point: Sequence[float], objectives: Objectives) -> None:
         """Record a finished evaluation."""
-        self.history.append((list(map(float, point)), (float(objectives[0]), float(objectives[1]))))
+        if len(objectives) != len(self.objectives):
+            raise ValueError(f"told {len(objectives)} objective values, the sampler has {len(self.objectives)}")
+        self.history.append((list(map(float, point)), tuple(float(v) for v in objectives)))
 
     def load(self, trials: Sequence[tuple[Sequence[float], Objectives]]) -> None:
         """Rebuild the state from finished trials (e.g. read back from trials.jsonl)."""

@@ -2,25 +2,30 @@
 objectives per trial, maximised by a Gaussian-process Bayesian optimiser with expected improvement.
 
 bayesian-optimization has no multi-objective mode; ParEGO (Knowles 2006) turns the two objectives into
-one with a fresh random weight each trial, so successive trials cover the whole Pareto front.
-Perplexity enters as its logarithm, so one broken candidate does not flatten the rest.
+one with fresh random weights each trial, so successive trials cover the whole Pareto front.
+Each objective enters as its cost (perplexity as its logarithm, so one broken candidate does not flatten the
+rest); with more than two objectives the weights are drawn from a flat Dirichlet over all of them.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 
+from dots_merge.tune.objectives import Objective, make_objectives
 from dots_merge.tune.samplers.base import Tuner
 
 RHO = 0.05  # augmentation of the Chebyshev scalarisation
 
 
-def scalarise(objectives: list[tuple[float, float]], weights: np.ndarray) -> list[float]:
-    """Augmented Chebyshev values (to minimise) of (consistency, perplexity) pairs, normalised to [0, 1]."""
-    f = np.array([[-c, math.log(max(p, 1e-12))] for c, p in objectives], dtype=float)
+def scalarise(values: list[tuple[float, ...]], weights: np.ndarray, objectives: Sequence[Objective] | None = None
+              ) -> list[float]:  # fmt: skip
+    """Augmented Chebyshev values (to minimise) of objective tuples (default: consistency, perplexity), each
+    objective as its cost (`Objective.cost`) normalised to [0, 1]."""
+    objectives = objectives or make_objectives()
+    f = np.array([[o.cost(v) for o, v in zip(objectives, row, strict=True)] for row in values], dtype=float)
     lo, hi = f.min(0), f.max(0)
     span = np.where(hi > lo, hi - lo, 1.0)
     z = (f - lo) / span
@@ -34,8 +39,8 @@ class BayesTuner(Tuner):
         from bayes_opt import BayesianOptimization, acquisition
 
         rng = self._rng(k)
-        weights = rng.dirichlet([1.0, 1.0])
-        values = scalarise([obj for _, obj in self.history], weights)
+        weights = rng.dirichlet([1.0] * len(self.objectives))
+        values = scalarise([obj for _, obj in self.history], weights, self.objectives)
         state = int(rng.integers(2**31 - 1))
         optimizer = BayesianOptimization(
             f=None,

@@ -46,13 +46,17 @@ def sampler_factory(kind: str, dims: int, *, parallel: bool = False) -> Callable
 class OptunaTuner(Tuner):
     name = "optuna"
 
-    def __init__(self, bounds, *, seed: int, initial=(), sampler: str = "auto"):
-        super().__init__(bounds, seed=seed, initial=initial)
+    def __init__(self, bounds, *, seed: int, initial=(), objectives=None, sampler: str = "auto"):
+        super().__init__(bounds, seed=seed, initial=initial, objectives=objectives)
         self.sampler = sampler
         self._optuna = import_optuna()
         self._make_sampler = sampler_factory(sampler, len(self.bounds))
         self._dists = distributions(self.bounds)
-        self._study = self._optuna.create_study(directions=["maximize", "minimize"])
+        self._study = self._optuna.create_study(directions=self.directions)
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction for o in self.objectives]
 
     @property
     def startup(self) -> int:
@@ -71,10 +75,10 @@ class OptunaTuner(Tuner):
             self._optuna.trial.create_trial(
                 params={f"x{i}": float(v) for i, v in enumerate(point)},
                 distributions=self._dists,
-                values=[float(objectives[0]), float(objectives[1])],
+                values=[float(v) for v in objectives],
             )
         )
 
     def load(self, trials) -> None:
-        self._study = self._optuna.create_study(directions=["maximize", "minimize"])
+        self._study = self._optuna.create_study(directions=self.directions)
         super().load(trials)

@@ -10,8 +10,16 @@ an optuna storage shared by many processes.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from dots_merge.tune.objectives import Objective
+
+
+def objective_values(record: dict[str, Any], objectives: Sequence[Objective]) -> tuple[float, ...]:
+    """The record's value of each objective, in order (a record keeps each under the objective's name)."""
+    return tuple(float(record[o.name]) for o in objectives)
 
 
 @dataclass
@@ -25,7 +33,8 @@ class Trial:
 
 
 class TrialStore(ABC):
-    """Where trials live. Records are dicts with at least number, point, consistency, perplexity."""
+    """Where trials live. Records are dicts with at least number, point and a value per objective (by
+    its name)."""
 
     @property
     @abstractmethod

@@ -25,7 +25,7 @@ from dots_merge.tune.run_folder import (
     write_records,
 )
 from dots_merge.tune.samplers.base import Tuner
-from dots_merge.tune.stores.base import Trial, TrialStore
+from dots_merge.tune.stores.base import Trial, TrialStore, objective_values
 
 LOG = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class LocalStore(TrialStore):
         ]
         self._running: dict[int, dict[str, Any]] = {}
         self._used = finished | failed | {c["number"] for c in [*claims.get("running", []), *unrecorded]}
-        sampler.load([(r["point"], (r["consistency"], r["perplexity"])) for r in self._records])
+        sampler.load([(r["point"], objective_values(r, sampler.objectives)) for r in self._records])
         sampler.skipped = len(self._failed)
         self._save()
 
@@ -79,7 +79,7 @@ class LocalStore(TrialStore):
         append_record(self.run_dir, record)
         fault_point("record")
         self._records.append(record)
-        self.sampler.tell(trial.point, (record["consistency"], record["perplexity"]))
+        self.sampler.tell(trial.point, objective_values(record, self.sampler.objectives))
         self._running.pop(trial.number, None)
         self._save()
         return True

@@ -19,7 +19,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -28,15 +28,15 @@ from typing import Any
 from dots_merge.errors import DotsMergeError, RunMismatchError
 from dots_merge.faults import fault_point
 from dots_merge.tune.identity import first_difference
+from dots_merge.tune.objectives import Objective, make_objectives
 from dots_merge.tune.samplers.optuna import distributions, import_optuna, sampler_factory
 from dots_merge.tune.stores import optuna_compat
-from dots_merge.tune.stores.base import Trial, TrialStore
+from dots_merge.tune.stores.base import Trial, TrialStore, objective_values
 
 optuna = import_optuna()
 from optuna.trial import TrialState  # noqa: E402  (after the friendly import check)
 
 LOG = logging.getLogger(__name__)
-DIRECTIONS = ["maximize", "minimize"]  # consistency ↑, perplexity ↓
 IDENTITY_ATTR = "dots_merge.tune.identity"
 BUDGET_ATTR = "dots_merge.trials"
 RECORD_ATTR = "dots_merge.record"
@@ -211,8 +211,10 @@ def _connect(url: str, heartbeat: int):
 class OptunaStore(TrialStore):
     """Trials in an optuna RDB storage: one process (RUN_DIR/study.db) or all processes of a shared study."""
 
-    def __init__(self, study, storage, *, bounds, seed: int, heartbeat: int, worker: WorkerId, mirror=None):
+    def __init__(self, study, storage, *, bounds, seed: int, heartbeat: int, worker: WorkerId, mirror=None,
+                 objectives: Sequence[Objective] | None = None):  # fmt: skip
         self.study, self.storage = study, storage
+        self.objectives = list(objectives) if objectives is not None else make_objectives()
         self.heartbeat, self.identity = heartbeat, worker
         self.dims = len(bounds)
         self._dists = distributions(bounds)
@@ -234,12 +236,14 @@ class OptunaStore(TrialStore):
         initial: list[list[float]] = (),
         join_timeout: float = JOIN_TIMEOUT,
         mirror: Callable[[list[dict[str, Any]]], None] | None = None,
+        objectives: Sequence[Objective] | None = None,
     ) -> OptunaStore:
         """`mode` "create" starts a new study (refusing one that exists), "resume" continues one (starting it if
         the storage has none), "join" waits for the main process to start it. Every mode checks `identity`.
         `mirror` is called with every record after each finished trial (to write the run folder from them)."""
         if mode not in ("create", "resume", "join"):
             raise ValueError(mode)
+        objectives = list(objectives) if objectives is not None else make_objectives()
         storage = _connect(url, heartbeat)
         where = f"study {name!r} in {redact(url)}"
         study = _load(storage, name)
@@ -258,7 +262,9 @@ class OptunaStore(TrialStore):
                 raise DotsMergeError(f"{where}: not started within {join_timeout:.0f} s; start the main process")
         if study is None:
             try:
-                study = optuna.create_study(storage=storage, study_name=name, directions=DIRECTIONS)
+                study = optuna.create_study(
+                    storage=storage, study_name=name, directions=[o.direction for o in objectives]
+                )
             except optuna.exceptions.DuplicatedStudyError:
                 raise DotsMergeError(f"{where} was just started by another process; pass --resume") from None
             for point in initial:
@@ -277,8 +283,9 @@ class OptunaStore(TrialStore):
             if budget is not None:  # the main process resuming: its --trials is the budget from now on
                 study.set_user_attr(BUDGET_ATTR, int(budget))
         return cls(
-            study, storage, bounds=bounds, seed=seed, heartbeat=heartbeat, worker=WorkerId.here(), mirror=mirror
-        )
+            study, storage, bounds=bounds, seed=seed, heartbeat=heartbeat, worker=WorkerId.here(), mirror=mirror,
+            objectives=objectives,
+        )  # fmt: skip
 
     @property
     def budget(self) -> int:
@@ -372,7 +379,7 @@ class OptunaStore(TrialStore):
         try:
             running.trial.set_user_attr(RECORD_ATTR, record)
             fault_point("record")
-            self.study.tell(running.trial, [record["consistency"], record["perplexity"]])
+            self.study.tell(running.trial, list(objective_values(record, self.objectives)))
         except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError) as exc:
             LOG.warning("trial #%d was given up as stale by another worker; its result is dropped (%s)",
                         trial.number, exc)  # fmt: skip
