@@ -17,6 +17,10 @@ from safetensors.torch import load_file, save_file
 
 from tests.toy_models import build_trio
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: one core per worker, for it and the tools it starts
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch, tmp_path_factory):

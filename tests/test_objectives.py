@@ -34,6 +34,10 @@ from dots_merge.tune.objectives import perplexity
         (r"the answer is \frac{1}{2} because", r"\frac{1}{2}"),
         ("The answer is **-4.5**.", "-4.5"),
         ("the answer is unclear, maybe 8 or 9", "9"),  # nothing after "is": the last number
+        ("So the answer is (C).", "C"),
+        ("The answer is B", "B"),
+        (r"the answer is \pi, as the area shows", r"\pi"),
+        ("The answer is yes, 3 of them", "yes"),
         ("we get 3 apples and 5 pears", "5"),
         ("no digits here", None),
         (r"\boxed{unclosed", None),

@@ -3,6 +3,7 @@ checks, warnings and --strict, and the optional few-label validation (which neve
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -111,8 +112,6 @@ def test_truncated_samples_have_no_answer_and_are_reported(llama_trio, tmp_path)
 
     model = AutoModelForCausalLM.from_pretrained(llama_trio["base"]).eval()
     tok = AutoTokenizer.from_pretrained(llama_trio["base"])
-    import dataclasses
-
     settings = dict(objectives=make_objectives(), suffix="", extract=make_extractor("auto"),
                     equal=answer_comparator("string")[1], seed=0)  # fmt: skip
     cut = score(model, tok, QUERIES, generation=dataclasses.replace(spec.generation, max_new_tokens=1), **settings)
@@ -330,3 +329,102 @@ def test_a_run_scored_by_an_older_version_is_not_resumed(llama_trio, tmp_path, c
     (run / "run.json").write_text(json.dumps(info))
     assert main(["tune", str(recipe), "--out", str(run), "--quiet", "--resume", "--trials", "2"]) == 2
     assert "scoring changed" in capsys.readouterr().err
+
+
+def test_a_shared_study_holds_every_objective_with_its_direction(llama_trio, tmp_path):
+    import optuna
+
+    objectives = ["self_certainty", "perplexity", "consistency"]
+    data = tune_recipe(llama_trio, tmp_path, trials=3, backend="optuna", objectives=objectives)
+    run = tmp_path / "run"
+    assert main(["tune", str(write_recipe(tmp_path / "recipe.yml", data)), "--out", str(run), "--quiet",
+                 "--no-merge"]) == 0  # fmt: skip
+    (summary,) = optuna.study.get_all_study_summaries(f"sqlite:///{run / 'study.db'}")
+    study = optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{run / 'study.db'}")
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE", "MAXIMIZE"]
+    records = {r["number"]: r for r in map(json.loads, (run / "trials.jsonl").read_text().splitlines())}
+    for trial in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+        assert trial.values == [records[trial.number][name] for name in objectives]
+
+
+def test_self_certainty_is_taken_from_the_models_own_distribution_when_sampling(tiny_lm):
+    model, tok = tiny_lm
+    (completion, *_) = generate(model, tok, ["3 * 4"], samples=3, temperature=0.6, top_p=1.0, max_new_tokens=6,
+                                seed=4, self_certainty=True)[0]  # fmt: skip
+    prompt = chat_prompt(tok, "3 * 4")
+    new = list(completion.ids)
+    assert len(new) == completion.tokens and (new[-1] in eos_ids(model, tok)) == completion.finished
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + new])).logits[0, len(prompt) - 1 : len(prompt) - 1 + len(new)].double()
+    raw = -(torch.log_softmax(logits, -1) + math.log(logits.shape[-1])).mean(-1).mean().item()
+    tempered = -(torch.log_softmax(logits / 0.6, -1) + math.log(logits.shape[-1])).mean(-1).mean().item()
+    assert completion.self_certainty == pytest.approx(raw, rel=1e-4)
+    assert completion.self_certainty != pytest.approx(tempered, rel=1e-2)
+
+
+def test_the_knee_bulges_toward_the_ideal_point():
+    # (0.3, 0.3) is a dent behind the extremes' line: no knee, utopia decides; (0.8, 0.8) is one
+    dent = [(1.0, 0.0), (0.0, 1.0), (0.3, 0.3), (0.45, 0.5)]
+    maxmax = ("maximize", "maximize")
+    assert knee_scores(dent, maxmax) is None
+    assert pick(dent, "knee", maxmax) == pick(dent, "utopia", maxmax)
+    bulge = [(1.0, 0.0), (0.0, 1.0), (0.8, 0.8), (0.3, 0.3)]
+    assert pick(bulge, "knee", maxmax) == 2
+
+
+def test_a_third_objective_changes_what_bayes_prefers():
+    import numpy as np
+
+    from dots_merge.tune.samplers.bayes import scalarise
+
+    objectives = make_objectives(["consistency", "perplexity", "self_certainty"])
+    rows = [(0.9, 2.0, 0.1), (0.5, 2.0, 0.9)]
+    first, second = scalarise(rows, np.array([1.0, 0.0, 0.0]), objectives)
+    assert first < second  # consistency alone prefers the first
+    first, second = scalarise(rows, np.array([0.0, 0.0, 1.0]), objectives)
+    assert second < first  # self-certainty alone prefers the second
+
+
+def test_the_validation_pick_and_what_the_correlations_say(llama_trio, tmp_path):
+    from dots_merge.tune.run import _summary, _validation_summary
+
+    data = tune_recipe(llama_trio, tmp_path, validation=str(_labels(tmp_path / "labels.jsonl")), pick="validation")
+    spec = parse_tune(load_recipe(write_recipe(tmp_path / "r.yml", data)))
+    objectives = make_objectives()
+    records = [
+        {"number": 0, "consistency": 0.9, "perplexity": 9.0},
+        {"number": 1, "consistency": 0.7, "perplexity": 4.0},  # the knee
+        {"number": 2, "consistency": 0.5, "perplexity": 3.0},
+        {"number": 3, "consistency": 0.1, "perplexity": 2.0},
+        {"number": 4, "consistency": 0.2, "perplexity": 9.5},  # dominated
+    ]
+    scored = {0: {"majority": 0.2, "greedy": 0.1}, 1: {"majority": 0.4, "greedy": 0.4},
+              2: {"majority": 0.6, "greedy": 0.5}, 3: {"majority": 0.6, "greedy": 0.7}}  # fmt: skip
+    knee = _summary(records, dataclasses.replace(spec, pick="knee"), objectives)
+    assert knee["pick"] == 1
+    chosen = _summary(records, spec, objectives, scored)
+    assert chosen["pick"] == 2  # best accuracy 0.6, tied with #3: the knee's order breaks the tie
+    summary = _validation_summary(spec, objectives, records, scored)
+    assert summary["spearman"]["consistency"] < 0 and summary["spearman"]["perplexity"] < 0
+    # accuracy rises as consistency falls (not to be trusted) and as perplexity falls (to be trusted)
+    assert summary["agreement"]["consistency"] < 0 < summary["agreement"]["perplexity"]
+    assert summary["accuracy"]["2"] == scored[2] and summary["items"] == 12
+    assert "mirror" in summary["note"]  # two objectives, front points only
+    every = dataclasses.replace(spec, validation=dataclasses.replace(spec.validation, points="all"))
+    assert _validation_summary(every, objectives, records, scored)["note"] is None
+
+
+def test_the_query_is_found_where_the_template_puts_it(tiny_lm):
+    from dots_merge.tune.generation import scored_prompt
+
+    _, tok = tiny_lm
+    ids, scored = scored_prompt(tok, "assistant")  # a word the template also holds, later
+    tokens = tok.convert_ids_to_tokens(ids)
+    assert [t for t, s in zip(tokens, scored, strict=True) if s] == ["<unk>"] and tokens[0] == "<|user|>"
+    assert scored.index(True) == 1
+
+
+def test_pick_validation_with_an_empty_validation_key_is_refused(llama_trio, tmp_path):
+    data = tune_recipe(llama_trio, tmp_path, validation=None, pick="validation")
+    with pytest.raises(RecipeError, match="validation needs labeled problems"):
+        parse_tune(load_recipe(write_recipe(tmp_path / "r.yml", data)))

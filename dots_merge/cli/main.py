@@ -157,6 +157,10 @@ def _run_tune(args: argparse.Namespace) -> int:
     print(f"{len(result.records)} trials; Pareto front: {', '.join(f'#{n}' for n in result.front)}")
     values = "  ".join(f"{name} {best[name]:.4f}" for name in result.objectives)
     print(f"pick ({result.rule}): trial #{result.pick}  {values}  {best['params']}")
+    if "health" in best:
+        h = best["health"]
+        print(f"  its samples: {h['finished']:.0%} finished, {h['truncated']:.0%} truncated, "
+              f"{h['no_answer']:.0%} without an answer, {h['mean_tokens']:.0f} tokens on average")  # fmt: skip
     if result.validation is not None:
         v = result.validation
         acc = v["accuracy"].get(str(result.pick))
@@ -165,6 +169,8 @@ def _run_tune(args: argparse.Namespace) -> int:
                   f"greedy {acc['greedy']:.3f}")  # fmt: skip
         print("  Spearman ρ with validation accuracy: " + ", ".join(
             f"{name} {rho:+.2f}" if rho is not None else f"{name} n/a" for name, rho in v["spearman"].items()))
+        if v.get("note"):
+            print(f"  ({v['note']})")
     for warning in result.warnings:
         print(f"warning: {warning}")
     if result.model_dir is not None:

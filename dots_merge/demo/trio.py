@@ -221,4 +221,4 @@ def _save(model, tok, path: Path) -> Path:
 
 
 def config_key(cfg: TrioConfig) -> dict:
-    return {"version": 3, **asdict(cfg)}
+    return {"version": 4, **asdict(cfg)}  # 4: RLVR samples drawn by dots-merge's own seeded sampler

@@ -167,7 +167,7 @@ def parse_tune(recipe: Recipe, *, load_queries: bool = True) -> TuneSpec:
     pick = raw.get("pick", "knee")
     check_pick(pick, objectives, where=f"{src}: tune.pick")
     validation = _validation(src, raw.get("validation"), base_dir) if load_queries else None
-    if pick == "validation" and "validation" not in raw:
+    if pick == "validation" and raw.get("validation") is None:
         _fail(src, "tune.pick", "validation needs labeled problems: add `tune.validation: FILE.jsonl`")
     answer = raw.get("answer", "auto")
     if not isinstance(answer, str) or not (answer in ANSWER_RULES or answer.startswith("regex:")):

@@ -248,6 +248,8 @@ def _validation_lines(t: TuningSummary) -> list[str]:
         "(for an objective to trust, positive when it is maximised, negative when minimised): " + "; ".join(rhos) + ".",
         "",
     ]
+    if v.get("note"):
+        out += [f"Note: {v['note']}.", ""]
     return out
 
 

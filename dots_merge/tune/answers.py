@@ -40,7 +40,8 @@ def _braced(text: str, i: int) -> int:
 
 def _stated_answer(rest: str) -> str | None:
     """X in "the answer is X": a `\\boxed{}`, a `$…$` or `\\(…\\)` expression, a LaTeX command with its braced
-    arguments (`\\frac{1}{2}`), or a number or fraction; None when what follows is none of these."""
+    arguments (`\\frac{1}{2}`, `\\pi`), a number or fraction, a choice letter (`B`, `(B)`) or yes / no / true /
+    false; None when what follows is none of these."""
     rest = rest.lstrip().lstrip("*").lstrip()
     if rest.startswith(("\\boxed", "\\fbox")):
         boxed = boxed_contents(rest)
@@ -57,9 +58,12 @@ def _stated_answer(rest: str) -> str | None:
             if close < 0:
                 return None
             end = close
-        return rest[:end] if end > command.end() else None
+        return rest[:end]  # \\frac{1}{2}, \\sqrt{2}, \\pi
     number = re.match(_NUMBER, rest)
-    return number.group(0) if number else None
+    if number:
+        return number.group(0)
+    choice = re.match(r"\(?([A-Z])\)?(?![A-Za-z])", rest) or re.match(r"(yes|no|true|false)\b", rest, re.IGNORECASE)
+    return choice.group(1) if choice else None  # a multiple-choice letter, (B), or yes / no / true / false
 
 
 def make_extractor(rule: str) -> Callable[[str], str | None]:

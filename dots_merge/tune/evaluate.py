@@ -15,7 +15,7 @@ from dots_merge.fileio import write_atomic
 from dots_merge.recipe import Recipe, TuneSpec, trial_recipe
 from dots_merge.tune.answers import answer_comparator, make_extractor
 from dots_merge.tune.candidate import ResidentCandidate
-from dots_merge.tune.generation import load_tokenizer
+from dots_merge.tune.generation import load_tokenizer, scored_prompt
 from dots_merge.tune.loop import TrialFailed
 from dots_merge.tune.objectives import make_objectives, nonfinite_reason, score
 from dots_merge.tune.run_folder import trial_path
@@ -39,14 +39,17 @@ class TrialEvaluator:
         trust_remote_code: bool = False,
     ):
         self.recipe, self.spec, self.run_dir = recipe, spec, run_dir
-        vectors = VectorStore(torch.device(device), spill_dir=spill_dir)
-        self.candidate = ResidentCandidate(recipe, checkpoints, device=device, cache_dir=run_dir / "cache",
-                                           vectors=vectors, quiet=quiet, trust_remote_code=trust_remote_code)  # fmt: skip
         self.tokenizer = load_tokenizer(next(iter(checkpoints.values())).path, trust_remote_code=trust_remote_code)
+        self.objectives = make_objectives(spec.objectives)
+        if any(o.needs_nll for o in self.objectives):  # a query the NLL cannot score fails before any weights load
+            for query in spec.queries:
+                scored_prompt(self.tokenizer, query, spec.perplexity_over)
         self.quiet = quiet
         self.extract = make_extractor(spec.answer)
         self.comparator, self.equal = answer_comparator(spec.compare)
-        self.objectives = make_objectives(spec.objectives)
+        vectors = VectorStore(torch.device(device), spill_dir=spill_dir)
+        self.candidate = ResidentCandidate(recipe, checkpoints, device=device, cache_dir=run_dir / "cache",
+                                           vectors=vectors, quiet=quiet, trust_remote_code=trust_remote_code)  # fmt: skip
 
     def write_recipe(self, trial: Trial) -> Recipe:
         """The recipe of the trial's point, written to trials/NNNN.yml before its weights are applied."""

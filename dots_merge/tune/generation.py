@@ -33,6 +33,7 @@ class Completion:
     tokens: int  # generated tokens, the end-of-sequence token included when there is one
     finished: bool  # stopped at an end-of-sequence id (False: cut at max_new_tokens)
     self_certainty: float = math.nan  # mean over its tokens of KL(U ‖ p), when asked for
+    ids: tuple[int, ...] = ()  # the generated token ids, the end-of-sequence token included
 
 
 def require_tokenizer(base) -> None:
@@ -76,16 +77,17 @@ def scored_prompt(tokenizer, text: str, over: str = "query") -> tuple[list[int],
         raise DotsMergeError(
             "perplexity over the query needs a fast tokenizer (token offsets); set tune.perplexity.over: templated"
         )
+    core = text.strip()
     if getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
+        rendered, start = _render(tokenizer, text), -1
+        prefix = _render(tokenizer, _PLACEHOLDER).split(_PLACEHOLDER)[0]  # where the template puts the content
+        if rendered.startswith(prefix):
+            found = rendered.find(core, len(prefix))
+            start = found if found >= 0 and not rendered[len(prefix) : found].strip() else -1
         encoded = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
     else:
-        rendered = text
+        rendered, start = text, text.find(core)
         encoded = tokenizer(rendered, return_offsets_mapping=True)
-    core = text.strip()
-    start = rendered.rfind(core)
     if start < 0 or not core:
         raise DotsMergeError(
             f"the chat template does not keep the query {text[:40]!r} verbatim; set tune.perplexity.over: templated"
@@ -93,6 +95,13 @@ def scored_prompt(tokenizer, text: str, over: str = "query") -> tuple[list[int],
     end = start + len(core)
     scored = [s < end and e > start and e > s for s, e in encoded["offset_mapping"]]
     return list(encoded["input_ids"]), scored
+
+
+_PLACEHOLDER = "\u2063dots-merge query\u2063"
+
+
+def _render(tokenizer, text: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
 
 
 def _pad_id(tokenizer) -> int:
@@ -254,12 +263,13 @@ def generate(
             for r in range(i * samples, (i + 1) * samples):
                 n = int(length[r])
                 done = bool(finished[r])
-                text_ids = tokens[r, : n - 1 if done else n].tolist()
+                ids = tokens[r, :n].tolist()
                 group.append(Completion(
-                    text=tokenizer.decode(text_ids, skip_special_tokens=True),
+                    text=tokenizer.decode(ids[: n - 1] if done else ids, skip_special_tokens=True),
                     tokens=n,
                     finished=done,
                     self_certainty=float(certainty[r] / n) if self_certainty and n else math.nan,
+                    ids=tuple(ids),
                 ))  # fmt: skip
             out.append(group)
         produced += int(length.sum())

@@ -32,7 +32,7 @@ def run_trials(
     *,
     write_recipe: Callable[[Trial], Any],
     evaluate: Callable[[Trial, Any], Record],
-    on_record: Callable[[list[Record]], None] | None = None,
+    on_record: Callable[[list[Record], Record], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> int:
     """Evaluate trials until the store holds its budget of finished ones; returns how many this process told."""
@@ -63,5 +63,5 @@ def run_trials(
         if store.tell(trial, record):
             told += 1
             if on_record is not None:
-                on_record(store.records())
+                on_record(store.records(), record)
     return told

@@ -67,8 +67,9 @@ def _normalised(points: Sequence[Point], directions: Sequence[str]) -> np.ndarra
 
 
 def knee_scores(points: Sequence[Point], directions: Sequence[str] = MAX_MIN) -> list[float] | None:
-    """Each point's distance from the hyperplane through the extremes (the best point in each objective),
-    normalised; None when the extremes do not span a hyperplane (fewer distinct extremes than objectives)."""
+    """Each point's signed distance from the hyperplane through the extremes (the best point in each objective),
+    normalised, positive on the side of the ideal point; None when the extremes do not span a hyperplane (fewer
+    distinct extremes than objectives) or no point bulges out toward the ideal (a front with no knee)."""
     norm = _normalised(points, directions)
     dims = norm.shape[1]
     extremes = sorted({max(range(len(points)), key=lambda i: (norm[i, j], -i)) for j in range(dims)})
@@ -80,7 +81,10 @@ def knee_scores(points: Sequence[Point], directions: Sequence[str] = MAX_MIN) ->
     if len(edges) and singular[-1] < 1e-12 * max(singular[0], 1.0):
         return None
     normal = vt[-1]
-    return [float(abs((norm[i] - anchor) @ normal)) for i in range(len(points))]
+    if (np.ones(dims) - anchor) @ normal < 0:  # point the normal toward the ideal point
+        normal = -normal
+    scores = [float((norm[i] - anchor) @ normal) for i in range(len(points))]
+    return scores if max(scores) > 1e-12 else None
 
 
 def utopia_distances(points: Sequence[Point], directions: Sequence[str] = MAX_MIN) -> list[float]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import random
 from collections.abc import Sequence
@@ -19,6 +20,8 @@ from typing import Any
 import tqdm
 
 from dots_merge.errors import DotsMergeError
+
+LOG = logging.getLogger(__name__)
 
 
 def choose(
@@ -70,7 +73,7 @@ def select_queries(
     from dots_merge.tune.answers import answer_comparator, make_extractor
     from dots_merge.tune.candidate import ResidentCandidate
     from dots_merge.tune.generation import load_tokenizer, require_tokenizer
-    from dots_merge.tune.objectives import make_objectives, score
+    from dots_merge.tune.objectives import health_warnings, make_objectives, score
 
     if n < 1:
         raise DotsMergeError(f"--n: must be at least 1, got {n}")
@@ -113,6 +116,8 @@ def select_queries(
             quiet=quiet,
         )
         per_model[model] = scores.per_query["per_query_consistency"]
+        for warning in health_warnings(scores.health, generation.max_new_tokens):
+            LOG.warning("scoring the pool with %s: %s", Path(model).name or model, warning)
         progress.update(len(prompts))
     progress.close()
     difficulty = [1.0 - sum(per_model[m][i] for m in finetunes) / len(finetunes) for i in range(len(prompts))]

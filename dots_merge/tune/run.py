@@ -190,7 +190,6 @@ def tune(
                     return TuneResult(run_dir=run_dir, records=records, front=None, pick=None, rule=spec.pick,
                                       model_dir=None, seconds=time.perf_counter() - started, evaluated=evaluated,
                                       study=where, objectives=spec.objectives)  # fmt: skip
-                evaluator.close()  # the merge below needs the memory
                 log.phase(f"search done: {len(records)} trials")
                 return _finish(recipe, spec, objectives, checkpoints, run_dir, records, started, evaluator,
                                evaluated=evaluated, study=where, device=device, quiet=quiet, merge_best=merge_best,
@@ -305,9 +304,8 @@ def _run(spec, objectives: list[Objective], store: TrialStore, evaluator: _Evalu
     rule = "knee" if spec.pick == "validation" else spec.pick
     checked = False
 
-    def show(records: list[dict[str, Any]]) -> None:
+    def show(records: list[dict[str, Any]], last: dict[str, Any]) -> None:
         nonlocal checked
-        last = max(records, key=lambda r: r["number"])
         values = " ".join(f"{n} {last[n]:.4g}" for n in names)
         log.phase(f"trial #{last['number']} done: {values} "
                   f"({', '.join(f'{k} {v:.2f} s' for k, v in last['seconds'].items())})")  # fmt: skip
@@ -462,6 +460,11 @@ def _validation_summary(spec, objectives, records, scored: dict[int, dict[str, f
     rho = correlations(records, scored, [o.name for o in objectives])
     trust = {o.name: (None if rho[o.name] is None else rho[o.name] * (1 if o.direction == "maximize" else -1))
              for o in objectives}  # fmt: skip
+    note = None
+    if spec.validation.points == "front" and len(objectives) == 2:
+        note = ("only front points were scored: along a front of two objectives both rank the points alike, so "
+                "their ρ mirror each other; score every trial (validation: {file: …, points: all}) to judge each "
+                "objective on its own")  # fmt: skip
     return {
         "file": str(spec.validation.path),
         "items": len(spec.validation.labels),
@@ -469,6 +472,7 @@ def _validation_summary(spec, objectives, records, scored: dict[int, dict[str, f
         "accuracy": {str(n): v for n, v in scored.items()},
         "spearman": rho,
         "agreement": trust,
+        "note": note,
     }
 
 

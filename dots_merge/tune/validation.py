@@ -70,8 +70,8 @@ def accuracy(
     greedy = generate(model, tokenizer, prompts, samples=1, temperature=0.0, top_p=1.0, **settings)
 
     def right(answer: str | None, label: str) -> bool:
-        wanted = normalize_answer(label)
-        return answer is not None and wanted is not None and equal(normalize_answer(answer), wanted)
+        got, wanted = normalize_answer(answer), normalize_answer(label)
+        return got is not None and wanted is not None and equal(got, wanted)
 
     majority = [
         majority_answer([extract(c.text) if c.finished else None for c in group], equal) for group in sampled
