@@ -119,10 +119,19 @@ def read_queries(spec_value: Any, source: str, base_dir: Path) -> list[str]:
         return list(spec_value)
     if not isinstance(spec_value, str):
         _fail(source, "tune.queries", "a JSONL file path or a list of prompts")
-    path = Path(spec_value) if Path(spec_value).is_absolute() else base_dir / spec_value
+    path, rows = _prompt_rows(spec_value, base_dir, f"query file not found (tune.queries in {source})")
+    if not rows:
+        raise RecipeError(f"{path}: query file is empty")
+    return [row["prompt"] for _, row in rows]
+
+
+def _prompt_rows(name: str, base_dir: Path, missing: str) -> tuple[Path, list[tuple[int, dict]]]:
+    """The file (relative to `base_dir`) and its (line number, object) rows, each with a "prompt" string;
+    `missing` says what the file was for when it is not there."""
+    path = Path(name) if Path(name).is_absolute() else base_dir / name
     if not path.is_file():
-        raise RecipeError(f"{path}: query file not found (tune.queries in {source})")
-    queries = []
+        raise RecipeError(f"{path}: {missing}")
+    rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -133,10 +142,8 @@ def read_queries(spec_value: Any, source: str, base_dir: Path) -> list[str]:
         prompt = row.get("prompt") if isinstance(row, dict) else None
         if not isinstance(prompt, str) or not prompt.strip():
             raise RecipeError(f'{path}:{number}: no "prompt" string')
-        queries.append(prompt)
-    if not queries:
-        raise RecipeError(f"{path}: query file is empty")
-    return queries
+        rows.append((number, row))
+    return path, rows
 
 
 def parse_tune(recipe: Recipe, *, load_queries: bool = True) -> TuneSpec:
@@ -241,19 +248,9 @@ def _validation(src: str, raw: Any, base_dir: Path) -> ValidationSet | None:
     points = setting.get("points", "front")
     if points not in ("front", "all"):
         _fail(src, "tune.validation.points", f"must be front or all, got {points!r}")
-    path = Path(setting["file"]) if Path(setting["file"]).is_absolute() else base_dir / setting["file"]
-    if not path.is_file():
-        raise RecipeError(f"{path}: validation file not found (tune.validation in {src})")
+    path, rows = _prompt_rows(setting["file"], base_dir, f"validation file not found (tune.validation in {src})")
     prompts, labels = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise RecipeError(f"{path}:{number}: not a JSON object") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-            raise RecipeError(f'{path}:{number}: no "prompt" string')
+    for number, row in rows:
         answer = row.get("answer")
         if isinstance(answer, bool) or not isinstance(answer, str | int | float) or not str(answer).strip():
             raise RecipeError(f'{path}:{number}: no "answer" (a string or a number)')
