@@ -30,6 +30,7 @@ from dots_merge.recipe import Recipe
 from dots_merge.tune.generation import require_tokenizer
 from dots_merge.tune.identity import fingerprints, portable_identity, run_identity
 from dots_merge.tune.objectives import (
+    DEFAULT_OBJECTIVES,
     Objective,
     health_warnings,
     make_objectives,
@@ -57,7 +58,7 @@ class TuneResult:
     push_url: str | None = None
     evaluated: int = 0  # trials this process evaluated
     study: str | None = None  # "NAME in URL" (password hidden) for a shared study
-    objectives: list[str] = dataclasses.field(default_factory=lambda: ["consistency", "perplexity"])
+    objectives: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_OBJECTIVES))
     warnings: list[str] = dataclasses.field(default_factory=list)
     validation: dict[str, Any] | None = None  # what pareto.json says of the few-label validation
 

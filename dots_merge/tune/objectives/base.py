@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+from dots_merge.recipe.tune_section import DEFAULT_OBJECTIVES
 from dots_merge.tune.generation import Completion
 
 MAXIMIZE, MINIMIZE = "maximize", "minimize"
@@ -71,7 +72,6 @@ class Objective(ABC):
 
 
 REGISTRY: dict[str, type[Objective]] = {}
-DEFAULT_OBJECTIVES = ("consistency", "perplexity")
 
 
 def register(cls: type[Objective]) -> type[Objective]:
