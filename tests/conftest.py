@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -16,6 +17,10 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from tests.toy_models import build_trio
+
+# A shell starts background jobs with SIGINT ignored, and a process started with SIGINT ignored never gets Python's
+# Ctrl-C handler, nor do the CLI processes the tests start: the interrupt tests would then test nothing.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: one core per worker, for it and the tools it starts
     os.environ.setdefault("OMP_NUM_THREADS", "1")
