@@ -150,9 +150,10 @@ def storage(request, tmp_path) -> str:
 
 
 def slow_recipe(trio, tmp_path: Path, trials: int) -> Path:
-    """Trials of about a second on the tiny model, so that two processes overlap."""
+    """Trials of a second or more on the tiny model, so that two processes overlap: the toy answers in a few tokens,
+    so the time is in many small batches (one query each) of many samples."""
     data = tune_recipe(trio, tmp_path, trials=trials, backend="optuna")
-    data["tune"]["generation"] = {"samples": 6, "max_new_tokens": 24, "batch_size": 4}
+    data["tune"]["generation"] = {"samples": 24, "max_new_tokens": 24, "batch_size": 1}
     return write_recipe(tmp_path / "recipe.yml", data)
 
 
