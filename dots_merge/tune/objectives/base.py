@@ -7,7 +7,6 @@ its value per query and overall, and the reference a hypervolume is measured fro
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -62,14 +61,6 @@ class Objective(ABC):
         span = max(values) - min(values)
         return min(values) - 0.1 * span if self.direction == MAXIMIZE else max(values) + 0.1 * span
 
-    def better(self, a: float, b: float) -> bool:
-        """a is strictly better than b."""
-        return a > b if self.direction == MAXIMIZE else a < b
-
-    def oriented(self, value: float) -> float:
-        """The value with larger always better."""
-        return value if self.direction == MAXIMIZE else -value
-
 
 REGISTRY: dict[str, type[Objective]] = {}
 
@@ -86,11 +77,6 @@ def make_objectives(names: Sequence[str] = DEFAULT_OBJECTIVES) -> list[Objective
     if unknown:
         raise ValueError(f"unknown objective {unknown[0]!r} (known: {', '.join(sorted(REGISTRY))})")
     return [REGISTRY[n]() for n in names]
-
-
-def mean(values: Sequence[float]) -> float:
-    """The mean, NaN for no values."""
-    return sum(values) / len(values) if values else math.nan
 
 
 def reference_point(rows: Sequence[Sequence[float]], objectives: Sequence[Objective]) -> tuple[float, ...]:
