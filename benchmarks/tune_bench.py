@@ -73,7 +73,7 @@ def bench_trial(work: Path, trials: int) -> dict:
     params = sum(i.numel for i in next(iter(checkpoints.values())).tensors.values())
     cache = work / "tune-cache"
     shutil.rmtree(cache, ignore_errors=True)
-    candidate = ResidentCandidate(recipe, checkpoints, cache_dir=cache)
+    candidate = ResidentCandidate(recipe, checkpoints)
     tokenizer = load_tokenizer(root / "base")
     space = [Dimension(str(root / "sft"), "weight", 0.5, 2.0), Dimension(str(root / "rlvr"), "weight", 0.5, 2.0)]
     queries = [f"{a} + {b} =" for a in range(4) for b in range(4)]

@@ -54,7 +54,8 @@ def test_a_trial_is_bitwise_the_merge_of_its_recipe_at_50m_entries(tmp_path, dty
         path.write_text(trial_recipe(recipe, space, point).to_yaml())
         trial = load_recipe(path)
         if candidate is None:
-            candidate = ResidentCandidate(trial, inspect_models(trial), cache_dir=tmp_path / "cache")
+            ceiling = trial_recipe(recipe, space, [1.0, 1.0, 1.0, 0.6])  # the densities come from one store
+            candidate = ResidentCandidate(trial, inspect_models(trial), ceiling=ceiling)
         candidate.apply(trial)
         out = tmp_path / f"merged-{number}"
         assert main(["merge", str(path), str(out), "--quiet", "--cache-dir", str(tmp_path / "cache")]) == 0

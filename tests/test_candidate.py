@@ -31,9 +31,7 @@ def test_trial_weights_equal_the_merge_bitwise(request, tmp_path, trio_name, res
     recipes = [parse_recipe(first), parse_recipe(second)]
     spill = tmp_path / "vectors" if vector_budget == 0 else None
     vectors = VectorStore(torch.device("cpu"), budget=vector_budget, spill_dir=spill)
-    candidate = ResidentCandidate(
-        recipes[0], inspect_models(recipes[0]), cache_dir=tmp_path / "cache", vectors=vectors
-    )
+    candidate = ResidentCandidate(recipes[0], inspect_models(recipes[0]), vectors=vectors)
     for i, recipe in enumerate([*recipes, recipes[0]]):  # back to the first: no drift
         used, seconds = candidate.apply(recipe)
         assert seconds >= 0 and ("rescale_factor" in used.to_yaml()) == (rescale == "global")
@@ -47,3 +45,39 @@ def test_trial_weights_equal_the_merge_bitwise(request, tmp_path, trio_name, res
             assert sorted(spill.glob("*.safetensors")) == sorted(vectors.spilled) != []
         if trio_name == "qwen_trio":
             assert candidate.model.lm_head.weight.data_ptr() == candidate.model.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize(("rescale", "threads"), [("global", 1), ("tensor", 1), ("global", 2)])
+def test_searched_densities_come_from_one_compact_store_bit_for_bit(qwen_trio, tmp_path, rescale, threads):
+    """Densities below the run's ceiling are taken from the vectors stored once at the ceiling: no entry is
+    computed again, and each trial's weights are still exactly those of the merge of its recipe (also when the
+    global factors' selections run one tensor per thread)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _densities_from_one_store(qwen_trio, tmp_path, rescale)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _densities_from_one_store(qwen_trio, tmp_path, rescale):
+
+    def at(sft: float, rlvr: float):
+        data = dots_recipe(qwen_trio, parameters={"rescale": rescale})
+        data["models"][0]["parameters"] = {"weight": 1.3, "density": sft}
+        data["models"][1]["parameters"] = {"weight": 0.8, "density": rlvr}
+        return parse_recipe(data)
+
+    vectors = VectorStore(torch.device("cpu"))
+    first = at(0.2, 0.45)
+    candidate = ResidentCandidate(first, inspect_models(first), vectors=vectors, ceiling=at(0.7, 0.7))
+    builds = None
+    for i, recipe in enumerate([first, at(0.7, 0.1), at(0.33, 0.61), first]):
+        candidate.apply(recipe)
+        builds = vectors.builds if builds is None else builds
+        assert vectors.builds == builds > 0, "a new density recomputed vectors from the checkpoints"
+        out = tmp_path / f"merge{i}"
+        dots_merge.merge(recipe, out, cache_dir=None)
+        weights = candidate.model.state_dict()
+        for name, tensor in load_state(out).items():
+            assert torch.equal(weights[name], tensor), (i, name)

@@ -47,22 +47,73 @@ def test_the_prepass_cache_misses_whenever_its_numbers_would_change(llama_trio, 
     assert not cached(dots_recipe(trio, parameters={"rescale": "tensor"}))  # `tensor` needs no pre-pass at all
 
 
+def _dense(vector) -> torch.Tensor:
+    out = torch.empty(vector.compact.numel)
+    for sl, chunk in vector.chunks(torch.device("cpu")):
+        out[sl] = chunk
+    return out
+
+
 def test_the_vector_store_keys_on_dtype_and_rescale_mode():
     store = VectorStore(torch.device("cpu"), budget=1 << 30)
     base, tuned = torch.zeros(1000), torch.randn(1000, generator=torch.Generator().manual_seed(0))
     loads = []
 
-    def vector(b, norms=False):
-        return store.vector(("sft", "w", 300), b, lambda: loads.append(1) or tuned.to(b.dtype), 0.3,
-                            selection=None, check_finite=True, norms=norms)  # fmt: skip
+    def vector(b, norms=False, density=0.3):
+        return store.vector("sft", "w", b, lambda: loads.append(1) or tuned.to(b.dtype), density, ceiling=0.5,
+                            check_finite=True, norms=norms)  # fmt: skip
 
-    first, ratio = vector(base)
+    first = vector(base)
     vector(base)
-    assert len(loads) == 1 and ratio == 1.0  # the second ask is a hit
-    _, tensor_ratio = vector(base, norms=True)  # rescale: tensor needs the norms: a miss
-    assert len(loads) == 2 and tensor_ratio > 1.0
-    half, _ = vector(base.to(torch.bfloat16))  # inputs in another dtype: other numbers, a miss
-    assert len(loads) == 3 and not torch.equal(half, first)
+    assert len(loads) == 1  # the second ask is a hit
+    vector(base, density=0.1)
+    assert len(loads) == 1  # a lower density comes from the same entry
+    total, kept = store.squared_norms(vector(base, norms=True))  # rescale: tensor needs the norms: a miss
+    assert len(loads) == 2 and total > kept > 0
+    half = vector(base.to(torch.bfloat16))  # inputs in another dtype: other numbers, a miss
+    assert len(loads) == 3 and not torch.equal(_dense(half), _dense(first))
+
+
+def _store(tmp_path, **kw) -> VectorStore:
+    return VectorStore(torch.device("cpu"), spill_dir=tmp_path / "vectors", **kw)
+
+
+def _ask(store, name, loads=None):
+    g = torch.Generator().manual_seed(len(name))
+    tuned = torch.randn(4096, generator=g)
+    return store.vector("sft", name, torch.zeros(4096), lambda: (loads if loads is not None else []).append(name) or tuned, 0.2,
+                        ceiling=0.5, check_finite=True, norms=False)  # fmt: skip
+
+
+def test_the_spill_is_bounded_and_evicts_the_least_recently_used(tmp_path):
+    entry = 4096 // 8 + 2048 * 4  # bitmask + half the values in float32
+    store = _store(tmp_path, budget=entry, spill_budget=2 * entry + 1024)  # one in RAM, two on disk
+    loads: list[str] = []
+    for trial, names in enumerate([["a"], ["b"], ["c"], ["d"], ["a"]]):
+        store.begin_trial()
+        for name in names:
+            _ask(store, name, loads)
+        assert store.peak_bytes <= store.budget and store.peak_disk <= store.spill_budget, trial
+    # a went to disk when b came, b when c came, c when d came — and a (least recently used) was deleted to
+    # make room for c: asking for a again recomputes it
+    assert loads == ["a", "b", "c", "d", "a"]
+    assert len(list((tmp_path / "vectors").glob("*.safetensors"))) == 2
+    assert not list((tmp_path / "vectors").glob("*.partial"))
+
+
+def test_a_resumed_store_reuses_the_spill_and_the_end_of_the_run_removes_it(tmp_path):
+    first = _store(tmp_path, budget=0, salt="weights-1")
+    reference = _dense(_ask(first, "w"))
+    first.close(remove=False)  # an interrupted run keeps its spill
+    loads: list[str] = []
+    again = _store(tmp_path, budget=0, salt="weights-1")
+    assert torch.equal(_dense(_ask(again, "w", loads)), reference) and loads == []  # read back, not recomputed
+    other = _store(tmp_path, budget=0, salt="weights-2")  # other weights: the old files are not theirs
+    _ask(other, "w", loads)
+    assert loads == ["w"]
+    (tmp_path / "vectors" / "junk.partial").write_bytes(b"half")
+    _store(tmp_path, budget=0, salt="weights-2").close(remove=True)
+    assert not (tmp_path / "vectors").exists()
 
 
 def test_a_full_disk_during_spill_is_one_clear_error_and_leaves_no_partial_file(tmp_path, monkeypatch):
@@ -76,7 +127,7 @@ def test_a_full_disk_during_spill_is_one_clear_error_and_leaves_no_partial_file(
     monkeypatch.setattr("dots_merge.tune.vectors.save_file", full)
     base, tuned = torch.zeros(100), torch.randn(100)
     with pytest.raises(DotsMergeError, match=r"vectors: no space left on device while spilling task vectors"):
-        store.vector(("sft", "w", 30), base, lambda: tuned, 0.3, selection=None, check_finite=True, norms=False)
+        store.vector("sft", "w", base, lambda: tuned, 0.3, ceiling=0.3, check_finite=True, norms=False)
     assert list((tmp_path / "vectors").iterdir()) == []
 
 

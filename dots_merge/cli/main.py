@@ -16,7 +16,8 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="merge a recipe into a model folder (streamed, bounded memory)")
     p.add_argument("recipe", help="recipe YAML: a mergekit config (any method; `dots` for DoTS)")
     p.add_argument("out_dir", help="output model folder (created when the merge is complete)")
-    p.add_argument("--device", default="cpu", help="where the tensor math runs: cpu (default) or cuda")
+    p.add_argument("--device", default="auto", help="where the tensor math runs: auto (default: the first GPU, else "
+                   "the CPU), cpu, cuda or cuda:N")  # fmt: skip
     p.add_argument("--out-shard-size", default="5GB", metavar="SIZE", help="largest output shard, e.g. 400MB, 5GB")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt pickle checkpoints (runs their code)")
@@ -100,10 +101,15 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strict", action="store_true",
                    help="stop with an error where the samples make the label-free signal doubtful (truncation, no "
                         "answers, consistency within its sampling noise) instead of warning")  # fmt: skip
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--device", default="auto", help="auto (default: the first GPU, else the CPU), cpu, cuda or cuda:N")
     p.add_argument(
         "--resume", action="store_true", help="continue the run in RUN_DIR after a crash or with more trials"
     )
+    p.add_argument("--cache-budget", metavar="SIZE",
+                   help="most disk for spilled task vectors (default: what the plan needs; beyond it they are "
+                        "recomputed each trial)")  # fmt: skip
+    p.add_argument("--keep-cache", action="store_true",
+                   help="keep RUN_DIR/cache/vectors when the run ends (an interrupted run always keeps it for --resume)")  # fmt: skip
     p.add_argument("--no-merge", action="store_true", help="stop after the search: no RUN_DIR/model")
     p.add_argument("--out-shard-size", default="5GB", metavar="SIZE", help="largest shard of RUN_DIR/model")
     p.add_argument("--push", metavar="REPO_ID", help="publish RUN_DIR/model on the Hub when the run ends")
@@ -123,6 +129,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_tune(args: argparse.Namespace) -> int:
+    from dots_merge.tune.plan import parse_size
     from dots_merge.tune.run import tune
 
     result = tune(
@@ -134,6 +141,8 @@ def _run_tune(args: argparse.Namespace) -> int:
         pick_rule=args.pick,
         device=args.device,
         resume=args.resume,
+        cache_budget=parse_size(args.cache_budget, where="--cache-budget") if args.cache_budget else None,
+        keep_cache=args.keep_cache,
         quiet=args.quiet,
         merge_best=not args.no_merge,
         out_shard_size=args.out_shard_size,
@@ -167,8 +176,12 @@ def _run_tune(args: argparse.Namespace) -> int:
         if acc is not None:
             print(f"validation ({v['items']} labeled problems): pick majority {acc['majority']:.3f} "
                   f"greedy {acc['greedy']:.3f}")  # fmt: skip
-        print("  Spearman ρ with validation accuracy: " + ", ".join(
-            f"{name} {rho:+.2f}" if rho is not None else f"{name} n/a" for name, rho in v["spearman"].items()))
+        print(
+            "  Spearman ρ with validation accuracy: "
+            + ", ".join(
+                f"{name} {rho:+.2f}" if rho is not None else f"{name} n/a" for name, rho in v["spearman"].items()
+            )
+        )
         if v.get("note"):
             print(f"  ({v['note']})")
     for warning in result.warnings:
@@ -178,6 +191,59 @@ def _run_tune(args: argparse.Namespace) -> int:
     if result.push_url:
         print(f"published: {result.push_url}")
     return 0
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="will a tune fit? memory and disk per part, from headers only (no weights read)")
+    p.add_argument("recipe", help="recipe YAML with a `tune:` section")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N (no GPU needed to plan one "
+                   "with --gpu-memory)")  # fmt: skip
+    p.add_argument("--gpu-memory", metavar="SIZE", help="GPU memory to plan for, e.g. 24GiB (default: free memory)")
+    p.add_argument("--host-memory", metavar="SIZE", help="host RAM to plan for (default: available RAM)")
+    p.add_argument("--disk-free", metavar="SIZE", help="free disk to plan for (default: free space at --out)")
+    p.add_argument("--cache-budget", metavar="SIZE", help="most disk for spilled task vectors (as for tune)")
+    p.add_argument("--out", metavar="RUN_DIR", default=".", help="where the run will write (for the free disk)")
+    p.add_argument("--json", metavar="PATH", help="also write the plan as JSON")
+    p.set_defaults(run=_run_plan)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from dots_merge.fileio import write_atomic
+    from dots_merge.merge.driver import as_recipe, inspect_models
+    from dots_merge.recipe.tune_section import parse_tune
+    from dots_merge.tune.plan import parse_size, plan_tune
+
+    sizes = {
+        key: parse_size(value, where=f"--{key.replace('_', '-')}") if value else None
+        for key, value in (("gpu_memory", args.gpu_memory), ("host_memory", args.host_memory),
+                           ("disk_free", args.disk_free), ("cache_budget", args.cache_budget))
+    }  # fmt: skip
+    device = args.device
+    if device == "auto":
+        device = "cuda:0" if sizes["gpu_memory"] is not None else _auto_device()
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise DotsMergeError(f"--device {device}: use auto, cpu, cuda or cuda:N")
+    if device == "cpu" and sizes["gpu_memory"] is not None:
+        raise DotsMergeError("--gpu-memory: planning for --device cpu uses no GPU; drop it or pass --device cuda")
+    recipe = as_recipe(args.recipe)
+    spec = parse_tune(recipe)
+    plan = plan_tune(recipe, spec, inspect_models(recipe), device=device, run_dir=Path(args.out), **sizes)
+    print(plan.table())
+    if args.json:
+        write_atomic(Path(args.json), json.dumps(plan.to_json(), indent=2) + "\n")
+    if not plan.fits:
+        print(f"error: {plan.reason}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+def _auto_device() -> str:
+    from dots_merge.merge.driver import resolve_device
+
+    return resolve_device("auto")
 
 
 def _add_queries(sub: argparse._SubParsersAction) -> None:
@@ -191,7 +257,7 @@ def _add_queries(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--samples", type=int, default=5, help="answers per prompt and fine-tune (default 5)")
     s.add_argument("--max-difficulty", type=float, default=0.8, help="drop prompts harder than this (default 0.8)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    s.add_argument("--device", default="auto", help="auto (default: the first GPU, else the CPU), cpu, cuda or cuda:N")
     s.add_argument("--quiet", action="store_true", help="no progress output")
     s.add_argument("--trust-remote-code", action="store_true", help="let transformers run model code from the Hub")
     s.set_defaults(run=_run_select)
@@ -287,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_merge(sub)
     _add_analyze(sub)
+    _add_plan(sub)
     _add_tune(sub)
     _add_queries(sub)
     _add_push(sub)

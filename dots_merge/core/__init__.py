@@ -4,9 +4,16 @@ The merge kernel and a trial's in-memory update both call these functions; nothi
 """
 
 from dots_merge.core.combine import RESCALE_MODES, Term, combine, rescale_factor
+from dots_merge.core.compact import (
+    CompactVector,
+    compress,
+    select_within,
+    sparse_chunks_of,
+)
 from dots_merge.core.task_vector import (
     NonFiniteTaskVector,
     SparseTaskVector,
+    chunk_squared_norm,
     is_finite,
     norm_ratio,
     sparse_chunks,
@@ -22,12 +29,15 @@ __all__ = [
     "METHOD_NAME",
     "PAPER_URL",
     "RESCALE_MODES",
+    "CompactVector",
     "NonFiniteTaskVector",
     "SparseTaskVector",
     "Term",
     "TopK",
     "chunk_spans",
+    "chunk_squared_norm",
     "combine",
+    "compress",
     "is_finite",
     "keep_count",
     "keep_mask",
@@ -35,7 +45,9 @@ __all__ = [
     "norm_ratio",
     "rescale_factor",
     "select_topk",
+    "select_within",
     "sparse_chunks",
+    "sparse_chunks_of",
     "sparse_task_vector",
     "squared_norm",
 ]

@@ -7,7 +7,7 @@ trial's weights are bit for bit those that `dots-merge merge` writes for the tri
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -32,11 +32,13 @@ def rescale_factor(mode: str, *, tensor_ratio: float | None = None, global_facto
 class Term:
     """One fine-tune's contribution α · S(τ) to one tensor, α = λ · f.
 
-    S(τ) is either materialised (`values`: flat float32, e.g. cached between trials) or computed chunk by chunk
-    from `tuned` and a known `selection` (the streamed merge: no task-vector-sized buffer)."""
+    S(τ) is materialised (`values`: flat float32), computed chunk by chunk from `tuned` and a known `selection`
+    (the streamed merge: no task-vector-sized buffer), or given as `stream`, a function of the device that yields
+    (span, S(τ)[span]) over `chunk_spans` (a tune's compact vector store)."""
 
     alpha: float
     values: torch.Tensor | None = None
+    stream: Callable[[torch.device], Iterator[tuple[slice, torch.Tensor]]] | None = None
     tuned: torch.Tensor | None = None
     selection: TopK | None = None
     check_finite: bool = True
@@ -44,6 +46,8 @@ class Term:
 
     def chunks(self, base: torch.Tensor, device: torch.device) -> Iterator[tuple[slice, torch.Tensor]]:
         """(span, S(τ)[span]) over `chunk_spans`, on `device`."""
+        if self.stream is not None:
+            return self.stream(device)
         if self.values is not None:
             flat = self.values.reshape(-1)
             return ((sl, flat[sl].to(device)) for sl in chunk_spans(flat.numel(), device))

@@ -20,6 +20,7 @@ from dots_merge.core.topk import (
     keep_count,
     keep_mask,
     magnitude_bits,
+    masked,
     select_topk,
 )
 
@@ -38,7 +39,8 @@ def is_finite(t: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(flat[sl]).all()) for sl in chunk_spans(flat.numel(), flat.device))
 
 
-def _dot64(chunk: torch.Tensor) -> float:
+def chunk_squared_norm(chunk: torch.Tensor) -> float:
+    """Σ chunk² in float64 (one chunk: sums over a tensor add these per chunk of `chunk_spans`, in order)."""
     c = chunk.double()
     return float(torch.dot(c, c))
 
@@ -46,7 +48,7 @@ def _dot64(chunk: torch.Tensor) -> float:
 def squared_norm(t: torch.Tensor) -> float:
     """Σ t² accumulated in float64."""
     flat = t.reshape(-1)
-    return sum((_dot64(flat[sl]) for sl in chunk_spans(flat.numel(), flat.device)), 0.0)
+    return sum((chunk_squared_norm(flat[sl]) for sl in chunk_spans(flat.numel(), flat.device)), 0.0)
 
 
 def norm_ratio(squared_total: float, squared_kept: float) -> float:
@@ -99,7 +101,7 @@ def sparse_task_vector(
     for sl in chunk_spans(n, tau.device):
         chunk = _tau_chunk(b, t, sl, tau[sl])
         if norms:
-            total += _dot64(chunk)  # a non-finite entry makes the sum non-finite: it doubles as the check
+            total += chunk_squared_norm(chunk)  # a non-finite entry makes the sum non-finite: it doubles as the check
         elif check_finite and not bool(torch.isfinite(chunk).all()):
             raise NonFiniteTaskVector()
         if hist is not None:
@@ -115,9 +117,9 @@ def sparse_task_vector(
     for sl in chunk_spans(n, tau.device):
         chunk = tau[sl]
         keep, ties_left = keep_mask(magnitude_bits(chunk), selection, ties_left)
+        if norms:  # over the kept entries only, in flat order: what the compact store sums too
+            kept += chunk_squared_norm(masked(chunk, keep))
         chunk.masked_fill_(keep.logical_not_(), 0.0)
-        if norms:
-            kept += _dot64(chunk)
     return SparseTaskVector(tau, selection, total, kept)
 
 

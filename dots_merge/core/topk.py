@@ -8,10 +8,11 @@ the entries equal to it in increasing flat index until k are kept.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 
+import numpy as np
 import torch
 
 CHUNK = 1 << 18  # elements per chunk on CPU: 1 MiB of float32 (small chunks reuse heap memory: few page faults)
@@ -51,6 +52,13 @@ def keep_count(density: float, numel: int) -> int:
     return numel if k < 1 else min(k, numel)
 
 
+def masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`x[mask]` for flat tensors; on the CPU through numpy's flatnonzero, several times faster than torch's."""
+    if x.device.type == "cpu":
+        return x.index_select(0, torch.from_numpy(np.flatnonzero(mask.numpy())))
+    return x[mask]
+
+
 def magnitude_bits(chunk: torch.Tensor) -> torch.Tensor:
     """|chunk| as int32 bit patterns (ordered like the magnitudes)."""
     return chunk.abs().view(torch.int32)
@@ -64,14 +72,6 @@ def _locate(hist: torch.Tensor, k: int) -> tuple[int, int]:
     return _BINS - 1 - j, above
 
 
-def _high_histogram(flat: torch.Tensor) -> torch.Tensor:
-    """bincount of the high 16 bits of |flat| (the first radix pass)."""
-    hist = torch.zeros(_BINS, dtype=torch.int64, device=flat.device)
-    for sl in chunk_spans(flat.numel(), flat.device):
-        hist += torch.bincount(magnitude_bits(flat[sl]) >> 16, minlength=_BINS)
-    return hist
-
-
 def select_topk(tau: torch.Tensor, k: int, *, high_histogram: torch.Tensor | None = None) -> TopK:
     """Exact top-k of |τ| by two radix passes over the float32 bit patterns (16 high, then 16 low bits).
 
@@ -81,17 +81,38 @@ def select_topk(tau: torch.Tensor, k: int, *, high_histogram: torch.Tensor | Non
     flat = tau.reshape(-1)
     if flat.dtype != torch.float32:
         raise TypeError("select_topk expects a float32 tensor")
-    n = flat.numel()
-    if k >= n:
+    spans = list(chunk_spans(flat.numel(), flat.device))
+    return select_topk_chunks(lambda: (flat[sl] for sl in spans), k, flat.numel(), flat.device,
+                              high_histogram=high_histogram)  # fmt: skip
+
+
+def select_topk_chunks(
+    chunks: Callable[[], Iterable[torch.Tensor]],
+    k: int,
+    n: int,
+    device: torch.device,
+    *,
+    high_histogram: torch.Tensor | None = None,
+    as_bits: bool = False,
+) -> TopK:
+    """`select_topk` over a float32 vector of `n` entries given as consecutive chunks, in flat order;
+    `chunks()` is called once per radix pass, so the vector never needs to exist whole. With `as_bits` the
+    chunks are already `magnitude_bits` of the vector."""
+    if n == 0 or k >= n:
         return TopK(k=n, numel=n)
     if k < 1:
         raise ValueError("k must be at least 1")
-    hist = _high_histogram(flat) if high_histogram is None else high_histogram.clone()
+    hist = high_histogram.clone() if high_histogram is not None else empty_histogram(device)
+    if high_histogram is None:
+        for chunk in chunks():
+            bits = chunk if as_bits else magnitude_bits(chunk)
+            hist += torch.bincount(bits >> 16, minlength=_BINS)
     high, above = _locate(hist, k)
     hist.zero_()
-    for sl in chunk_spans(n, flat.device):
-        bits = magnitude_bits(flat[sl])
-        hist += torch.bincount(bits[(bits >> 16) == high] & 0xFFFF, minlength=_BINS)
+    for chunk in chunks():
+        bits = chunk if as_bits else magnitude_bits(chunk)  # entries outside the high bin go to an extra bin
+        low_bits = torch.where((bits >> 16) == high, bits & 0xFFFF, _BINS)
+        hist += torch.bincount(low_bits, minlength=_BINS + 1)[:_BINS]
     low, above_low = _locate(hist, k - above)
     greater = above + above_low
     return TopK(k=k, numel=n, threshold_bits=(high << 16) | low, ties=k - greater)

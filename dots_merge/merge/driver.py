@@ -84,14 +84,16 @@ def inspect_models(recipe: Recipe, *, allow_pickle: bool = False) -> dict[str, C
 
 
 def resolve_device(device: str) -> str:
-    """`cpu`, `cuda` or `cuda:N`, checked against what this machine has."""
+    """`cpu`, `cuda` or `cuda:N`, checked against what this machine has; `auto`: the first GPU, else the CPU."""
+    if device == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         return device
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise DotsMergeError(f"--device {device}: no CUDA device is available (torch {torch.__version__})")
         return device
-    raise DotsMergeError(f"--device {device}: use cpu or cuda")
+    raise DotsMergeError(f"--device {device}: use auto, cpu, cuda or cuda:N")
 
 
 def needs_prepass(recipe: Recipe) -> bool:
@@ -154,7 +156,9 @@ def global_prepass(
     """The whole-model norms and selections of `rescale: global` for a planned merge (cached)."""
     return run_prepass(
         list(targets),
-        fingerprints={name: {"files": c.fingerprint(), "digest": c.content_digest()} for name, c in checkpoints.items()},
+        fingerprints={
+            name: {"files": c.fingerprint(), "digest": c.content_digest()} for name, c in checkpoints.items()
+        },
         cache_dir=cache_dir,
         device=options.device,
         check_finite=check_finite,
@@ -186,7 +190,7 @@ def merge(
     recipe: Recipe | str | os.PathLike | Mapping[str, Any],
     out_dir: str | os.PathLike,
     *,
-    device: str = "cpu",
+    device: str = "auto",
     out_shard_size: str | int = "5GB",
     force: bool = False,
     allow_pickle: bool = False,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from collections import defaultdict
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from dots_merge.fileio import write_atomic
 from dots_merge.merge.method import SelectionKey, nonfinite_error
 
 LOG = logging.getLogger(__name__)
-CACHE_VERSION = 2  # 2: the key holds weight digests, load dtypes and the rescale mode
+CACHE_VERSION = 3  # 2: the key holds weight digests, load dtypes and the rescale mode; 3: sums by math.fsum
 
 
 @dataclass
@@ -128,21 +129,23 @@ def _compute(tasks: Sequence[ExecuteMergeMethodTask], *, device: str, check_fini
         by_gather[task.gather_tensors].append(task)
     result = Prepass()
     models = {str(m) for t in tasks for m in t.model_order if m != t.base_model}
-    for m in sorted(models):
-        result.squared_norms[m] = 0.0
-        result.squared_norms_kept[m] = 0.0
+    parts: dict[str, tuple[list[float], list[float]]] = {m: ([], []) for m in sorted(models)}
     executor = Executor(list(by_gather), math_device=torch.device(device), storage_device=torch.device("cpu"))
     progress = tqdm.tqdm(total=len(by_gather), desc="Pre-pass (norms)", unit="tensor", disable=True if quiet else None)
     for gather, tensors in executor.run(quiet=True):
         fault_point("prepass")
         for task in by_gather[gather]:
-            _accumulate(task, tensors, result, device=device, check_finite=check_finite)
+            _accumulate(task, tensors, result, parts, device=device, check_finite=check_finite)
         progress.update(1)
     progress.close()
+    for m, (totals, kept) in parts.items():  # exact sums: the same float in whatever order the tensors came
+        result.squared_norms[m] = math.fsum(totals)
+        result.squared_norms_kept[m] = math.fsum(kept)
     return result
 
 
-def _accumulate(task: ExecuteMergeMethodTask, tensors: dict, result: Prepass, *, device: str, check_finite: bool):
+def _accumulate(task: ExecuteMergeMethodTask, tensors: dict, result: Prepass, parts: dict, *, device: str,
+                check_finite: bool):  # fmt: skip
     base = tensors.get(task.base_model)
     if base is None or not base.is_floating_point():
         return
@@ -164,6 +167,6 @@ def _accumulate(task: ExecuteMergeMethodTask, tensors: dict, result: Prepass, *,
         except NonFiniteTaskVector:
             raise nonfinite_error(name, base, task.base_model, model) from None
         key = str(model)
-        result.squared_norms[key] += sparse.squared_norm
-        result.squared_norms_kept[key] += sparse.squared_norm_kept
+        parts[key][0].append(sparse.squared_norm)
+        parts[key][1].append(sparse.squared_norm_kept)
         result.selections[(key, name, sparse.selection.k)] = sparse.selection

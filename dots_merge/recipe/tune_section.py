@@ -39,7 +39,7 @@ class Generation:
     temperature: float = 0.6
     top_p: float = 1.0
     max_new_tokens: int = 1024
-    batch_size: int = 8
+    batch_size: int | str = "auto"  # queries per batch; auto: as many as the plan's generation share holds
 
 
 @dataclass(frozen=True)
@@ -270,6 +270,8 @@ def _generation(src: str, raw: Any) -> Generation:
         _fail(src, f"tune.generation.{unknown[0]}", f"unknown key (known: {', '.join(sorted(_GENERATION_KEYS))})")
     g = Generation(**raw)
     for key in ("samples", "max_new_tokens", "batch_size"):
+        if key == "batch_size" and g.batch_size == "auto":
+            continue
         if _number(src, f"tune.generation.{key}", getattr(g, key), integer=True) < 1:
             _fail(src, f"tune.generation.{key}", "must be at least 1")
     if g.samples < 2:

@@ -1,17 +1,21 @@
 """The resident candidate: the base model loaded once; each trial writes its merged weights into it.
 
-`apply(recipe)` runs, tensor by tensor, the very mergekit plan the merge runs (same plan, same cached selections,
-same cast) and, for `dots`, the merge's own λ-sum (`dots_merge.core.combine`) over S(τ) from the sparse vector
-store; it copies the result into the model's parameter. The weights a trial evaluates are bit for bit those
-`dots-merge merge` writes for that recipe, computed from the clean base every time (no add/subtract drift) and
-never written to disk. Other mergekit methods run their own task per tensor.
+`apply(recipe)` runs, tensor by tensor, the very mergekit plan the merge runs (same plan, same cast) and, for
+`dots`, the merge's own λ-sum (`dots_merge.core.combine`) over S(τ) from the compact vector store; it copies the
+result into the model's parameter. The weights a trial evaluates are bit for bit those `dots-merge merge` writes
+for that recipe — the global rescale factors included, summed from the store's per-tensor norms as the merge's
+pre-pass sums them — computed from the clean base every time (no add/subtract drift) and never written to disk.
+Other mergekit methods run their own task per tensor.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import threading
 import time
 from collections.abc import Iterator, Mapping
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from mergekit.common import dtype_from_name
@@ -19,33 +23,25 @@ from mergekit.io.tasks import LoadTensor
 from mergekit.options import MergeOptions
 
 from dots_merge.checkpoints import Checkpoint
-from dots_merge.core import (
-    METHOD_NAME,
-    NonFiniteTaskVector,
-    Term,
-    combine,
-    keep_count,
-    rescale_factor,
-)
+from dots_merge.core import METHOD_NAME, NonFiniteTaskVector, Term, combine, norm_ratio, rescale_factor
 from dots_merge.errors import DotsMergeError
 from dots_merge.faults import fault_point
 from dots_merge.merge import mergekit_compat
-from dots_merge.merge.driver import (
-    global_prepass,
-    needs_prepass,
-    output_dtype,
-    plan_tasks,
-    with_factors,
-    with_output_dtype,
-)
-from dots_merge.merge.method import kernel_context, nonfinite_error, rescale_factor_for
-from dots_merge.merge.prepass import Prepass
+from dots_merge.merge.driver import needs_prepass, output_dtype, plan_tasks, with_factors, with_output_dtype
+from dots_merge.merge.method import nonfinite_error, rescale_factor_for
 from dots_merge.recipe import Recipe
-from dots_merge.tune.vectors import VectorStore
+from dots_merge.tune.vectors import StoredVector, VectorStore
+
+LOG = logging.getLogger(__name__)
 
 
 class ResidentCandidate:
-    """A transformers model holding the weights of the last applied recipe."""
+    """A transformers model holding the weights of the last applied recipe.
+
+    `ceiling` is the recipe at the largest densities the run can ask (the top of each searched range): the
+    store keeps each S(τ) at that density once and takes every lower one from it. With `base_on_device`, the
+    base's tensors stay on the device between trials (else they are read from the memory-mapped checkpoint).
+    """
 
     def __init__(
         self,
@@ -53,9 +49,9 @@ class ResidentCandidate:
         checkpoints: Mapping[str, Checkpoint],
         *,
         device: str = "cpu",
-        cache_dir: Path | None = None,
-        device_budget: int | None = None,
         vectors: VectorStore | None = None,
+        ceiling: Recipe | None = None,
+        base_on_device: bool = False,
         quiet: bool = True,
         trust_remote_code: bool = False,
     ):
@@ -66,21 +62,26 @@ class ResidentCandidate:
                 f"{recipe.source}: tune works on models sharing the base's tokenizer; remove `tokenizer`"
             )
         self.checkpoints = checkpoints
-        self.options = MergeOptions(device=device, quiet=quiet, lazy_unpickle=False, trust_remote_code=trust_remote_code)
-        self.cache_dir = cache_dir
+        self.options = MergeOptions(
+            device=device, quiet=quiet, lazy_unpickle=False, trust_remote_code=trust_remote_code
+        )
         self.device = torch.device(device)
         base = next(iter(checkpoints.values()))
         self.dtype = dtype_from_name(output_dtype(recipe, checkpoints))
+        placement = {} if self.device.type == "cpu" else {"device_map": str(self.device)}  # tensor by tensor
         self.model = AutoModelForCausalLM.from_pretrained(
-            str(base.path), dtype=self.dtype, trust_remote_code=trust_remote_code
-        ).to(self.device)
+            str(base.path), dtype=self.dtype, trust_remote_code=trust_remote_code, **placement
+        )
         self.model.eval()
         fault_point("load")
         self.state = self.model.state_dict(keep_vars=True)
         self.vectors = VectorStore(self.device) if vectors is None else vectors
-        self._resident: dict[tuple[str, str], torch.Tensor] = {}
-        self._budget = device_budget
+        self._ceilings = self._densities(ceiling) if ceiling is not None else {}
+        self._base_on_device = base_on_device and self.device.type != "cpu"
+        self._resident: dict[str, torch.Tensor] = {}
         self._out: torch.Tensor | None = None
+        self._applied = self._warned = False
+        self._load_lock = threading.Lock()
         mergekit_compat.reset_loaders(self.options)
 
     def apply(self, recipe: Recipe) -> tuple[Recipe, float]:
@@ -88,22 +89,19 @@ class ResidentCandidate:
         started = time.perf_counter()
         used = with_output_dtype(recipe, self.checkpoints)
         config, _, _, targets = plan_tasks(used, self.options)
-        prepass, factors = Prepass(), None
-        if needs_prepass(used):  # the factors go to the arithmetic directly: no second plan
-            prepass = global_prepass(targets, self.checkpoints, self.options, cache_dir=self.cache_dir)
-            factors = prepass.factors
-            used = with_factors(used, factors)
         missing = [w.name for w in targets.values() if w.name not in self.state]
         if missing:
             raise DotsMergeError(f"the model class loaded for the base has no parameter {missing[0]!r}")
         self.vectors.begin_trial()
-        with (
-            torch.no_grad(),
-            kernel_context(selections=prepass.selections, inputs_checked=bool(prepass.selections)),
-        ):
+        builds = self.vectors.builds
+        factors = None
+        with torch.no_grad():
+            if needs_prepass(used):  # the factors go to the arithmetic directly: no second plan
+                factors = self._global_factors(targets, config.dtype)
+                used = with_factors(used, factors)
             for task, weight in targets.items():
                 if used.method == METHOD_NAME:
-                    result = self._dots_tensor(task, weight.name, config.dtype, prepass, factors)
+                    result = self._dots_tensor(task, weight.name, config.dtype, factors)
                 else:
                     inputs = {
                         model: self._input(model, info, config.dtype)
@@ -116,55 +114,132 @@ class ResidentCandidate:
                 if out_dtype is not None and result.is_floating_point() and out_dtype != self.state[weight.name].dtype:
                     result = result.to(out_dtype)
                 self.state[weight.name].data.copy_(result)  # the cast to the parameter's dtype happens here
+        if self.vectors.builds != builds:  # unmap the fine-tunes' checkpoints: the store holds what it needs
+            mergekit_compat.reset_loaders(self.options)
+            if self._applied and not self._warned:
+                self._warned = True
+                LOG.warning("the vector store recomputed %d task vectors from the checkpoints in this trial: they fit "
+                            "neither its RAM budget nor its spill budget (see `dots-merge plan`; raise "
+                            "--cache-budget)", self.vectors.builds - builds)  # fmt: skip
+        self._applied = True
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            self._out = None  # the allocator keeps the block for generation to reuse
         return used, time.perf_counter() - started
 
-    def _dots_tensor(
-        self, task, name: str, dtype: str | None, prepass: Prepass, factors: Mapping[str, float] | None
-    ) -> torch.Tensor:
+    def _global_factors(self, targets, dtype: str | None) -> dict[str, float]:
+        """f_i = ‖τ_i‖/‖S(τ_i)‖ over the whole model, from the store's per-tensor squared norms, summed exactly
+        (math.fsum) as the merge's pre-pass sums them, so both give the same float."""
+        totals: dict[str, list[float]] = {}
+        kept: dict[str, list[float]] = {}
+        for task in targets:
+            for model in task.model_order:
+                if model != task.base_model:  # every fine-tune gets a factor, 1.0 when it has no tensor
+                    totals.setdefault(str(model), [])
+                    kept.setdefault(str(model), [])
+
+        def norms(item) -> list[tuple[str, float, float]]:
+            task, weight = item
+            base = self._base(task, dtype)
+            if base is None:
+                return []
+            vectors = self._vectors(task, weight.name, base, dtype, norms=True)
+            return [(str(model), *self.vectors.squared_norms(vector)) for model, vector in vectors]
+
+        # A new density means a selection per tensor: on the CPU these run one tensor per core (each on one
+        # thread: the selection's numpy steps are single-threaded); the sums are exact, so order does not matter.
+        # The first trial builds the store instead, tensor by tensor with every thread.
+        threads = torch.get_num_threads() if self.device.type == "cpu" and self._applied else 1
+        if threads > 1:
+            torch.set_num_threads(1)
+            try:
+                with ThreadPoolExecutor(threads) as pool:
+                    results = list(pool.map(norms, targets.items()))
+            finally:
+                torch.set_num_threads(threads)
+        else:
+            results = [norms(item) for item in targets.items()]
+        for model, total, part in (row for rows in results for row in rows):
+            totals[model].append(total)
+            kept[model].append(part)
+        return {m: norm_ratio(math.fsum(totals[m]), math.fsum(kept[m])) for m in totals}
+
+    def _dots_tensor(self, task, name: str, dtype: str | None, factors: Mapping[str, float] | None) -> torch.Tensor:
         """θ_base + Σ λ·f·S(τ) for one tensor: the merge's λ-sum over S(τ) from the vector store."""
-        infos = task.gather_tensors.weight_info
-        base = self._input(task.base_model, infos[task.base_model], dtype)
-        if not base.is_floating_point():
-            return base
-        base = base.to(self.device)
-        base32 = self.vectors.base(name, base)
+        base = self._base(task, dtype)
+        if base is None:
+            return self._input(task.base_model, task.gather_tensors.weight_info[task.base_model], dtype)
         out = self._scratch(base.numel())
         try:
-            combine(base32, self._terms(task, name, base, dtype, prepass, factors), out=out)
+            combine(base, self._terms(task, name, base, dtype, factors), out=out)
         except NonFiniteTaskVector as error:
             raise nonfinite_error(name, base, task.base_model, error.model) from None
         return out.view(base.shape)
 
-    def _terms(self, task, name, base, dtype, prepass, factors) -> Iterator[Term]:
+    def _terms(self, task, name, base, dtype, factors) -> Iterator[Term]:
         """λ·f·S(τ) of each fine-tune, in the order the kernel adds them."""
-        infos = task.gather_tensors.weight_info
         rescale = task.parameters["rescale"]
+        for model, vector in self._vectors(task, name, base, dtype, norms=rescale != "none"):
+            params = task.input_parameters[model]
+            tensor_ratio = global_factor = None
+            if rescale == "tensor":
+                tensor_ratio = norm_ratio(*self.vectors.squared_norms(vector))
+            elif rescale == "global":
+                global_factor = (
+                    factors[str(model)]
+                    if factors is not None
+                    else rescale_factor_for(model, {model: params["rescale_factor"]})
+                )
+            factor = rescale_factor(rescale, tensor_ratio=tensor_ratio, global_factor=global_factor)
+            yield Term(params["weight"] * factor, stream=vector.chunks)
+
+    def _vectors(
+        self, task, name: str, base: torch.Tensor, dtype, *, norms: bool
+    ) -> Iterator[tuple[object, StoredVector]]:
+        """(fine-tune, its S(τ) from the store) for one tensor, in the kernel's order."""
+        infos = task.gather_tensors.weight_info
         for model in task.model_order:
             if model == task.base_model or model not in infos:
                 continue
-            params = task.input_parameters[model]
-            key = (str(model), name, keep_count(params["density"], base.numel()))
+            density = task.input_parameters[model]["density"]
             try:
-                vector, tensor_ratio = self.vectors.vector(
-                    key,
+                vector = self.vectors.vector(
+                    str(model),
+                    name,
                     base,
                     lambda model=model: self._input(model, infos[model], dtype),
-                    params["density"],
-                    selection=prepass.selections.get(key),
-                    check_finite=not prepass.selections,
-                    norms=rescale == "tensor",
+                    density,
+                    ceiling=self._ceilings.get((str(model), name), density),
+                    check_finite=True,
+                    norms=norms,
                 )
             except NonFiniteTaskVector:
-                raise NonFiniteTaskVector(model) from None
-            global_factor = None
-            if rescale == "global":
-                global_factor = factors[str(model)] if factors is not None else rescale_factor_for(
-                    model, {model: params["rescale_factor"]}
-                )
-            factor = rescale_factor(rescale, tensor_ratio=tensor_ratio, global_factor=global_factor)
-            yield Term(params["weight"] * factor, values=vector)
+                raise nonfinite_error(name, base, task.base_model, model) from None
+            yield model, vector
+
+    def _densities(self, recipe: Recipe) -> dict[tuple[str, str], float]:
+        """The density each (fine-tune, tensor) gets in `recipe`'s plan."""
+        _, _, _, targets = plan_tasks(with_output_dtype(recipe, self.checkpoints), self.options)
+        return {
+            (str(model), weight.name): float(task.input_parameters[model]["density"])
+            for task, weight in targets.items()
+            if getattr(task, "input_parameters", None)
+            for model in task.model_order
+            if model != task.base_model and "density" in task.input_parameters.get(model, {})
+        }
+
+    def _base(self, task, dtype: str | None) -> torch.Tensor | None:
+        """The base's tensor for a task on the device, or None when it is not floating point (copied as is)."""
+        info = task.gather_tensors.weight_info[task.base_model]
+        if info.name in self._resident:
+            return self._resident[info.name]
+        base = self._input(task.base_model, info, dtype)
+        if base is None or not base.is_floating_point():
+            return None
+        base = base.to(self.device)
+        if self._base_on_device:
+            self._resident[info.name] = base
+        return base
 
     def _scratch(self, numel: int) -> torch.Tensor:
         """A reused float32 buffer for one tensor's result: fresh allocations would page-fault every trial."""
@@ -173,10 +248,12 @@ class ResidentCandidate:
         return self._out[:numel]
 
     def _input(self, model, info, dtype: str | None) -> torch.Tensor | None:
-        key = (str(model), info.name)
-        if key in self._resident:
-            return self._resident[key]
-        tensor = LoadTensor(
+        with self._load_lock:  # mergekit's loaders keep one open shard per model: not for two threads at once
+            return self._load(model, info, dtype)
+
+    @staticmethod
+    def _load(model, info, dtype: str | None) -> torch.Tensor | None:
+        return LoadTensor(
             model=model,
             tensor=info.name,
             dtype=info.force_dtype or dtype,
@@ -184,21 +261,7 @@ class ResidentCandidate:
             aliases=info.aliases,
             tied_names=info.tied_names,
         ).execute()
-        if tensor is not None and self.device.type != "cpu" and self._keep_on_device(tensor):
-            tensor = tensor.to(self.device)
-            self._resident[key] = tensor
-        return tensor
 
-    def _keep_on_device(self, tensor: torch.Tensor) -> bool:
-        if self._budget is None:
-            free, _ = torch.cuda.mem_get_info(self.device)
-            self._budget = int(free * 0.6)
-        size = tensor.numel() * tensor.element_size()
-        if size > self._budget:
-            return False
-        self._budget -= size
-        return True
-
-    def close(self) -> None:
-        """Release the vector store (and its spill folder)."""
-        self.vectors.close()
+    def close(self, *, keep_spill: bool = False) -> None:
+        """Release the vector store (and, unless `keep_spill`, its spill folder)."""
+        self.vectors.close(remove=not keep_spill)

@@ -3,6 +3,7 @@ objectives and sample health scored into the trial's record."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +19,7 @@ from dots_merge.tune.candidate import ResidentCandidate
 from dots_merge.tune.generation import load_tokenizer, scored_prompt
 from dots_merge.tune.loop import TrialFailed
 from dots_merge.tune.objectives import make_objectives, nonfinite_reason, score
+from dots_merge.tune.plan import Plan, ceiling_recipe
 from dots_merge.tune.run_folder import trial_path
 from dots_merge.tune.stores.base import Trial
 from dots_merge.tune.vectors import VectorStore
@@ -35,6 +37,7 @@ class TrialEvaluator:
         *,
         device: str,
         spill_dir: Path,
+        plan: Plan | None = None,
         quiet: bool = True,
         trust_remote_code: bool = False,
     ):
@@ -47,9 +50,17 @@ class TrialEvaluator:
         self.quiet = quiet
         self.extract = make_extractor(spec.answer)
         self.comparator, self.equal = answer_comparator(spec.compare)
-        vectors = VectorStore(torch.device(device), spill_dir=spill_dir)
-        self.candidate = ResidentCandidate(recipe, checkpoints, device=device, cache_dir=run_dir / "cache",
-                                           vectors=vectors, quiet=quiet, trust_remote_code=trust_remote_code)  # fmt: skip
+        settings = plan.settings if plan is not None else {}
+        salt = json.dumps({name: c.fingerprint() for name, c in checkpoints.items()}, default=str)
+        budget = settings.get("store_ram_bytes")
+        if budget is not None and budget >= settings.get("store_bytes", 0):
+            budget = budget + (budget >> 6)  # all of it was planned in RAM: a planning error must not force a spill
+        vectors = VectorStore(torch.device(device), budget=budget, spill_dir=spill_dir,
+                              spill_budget=settings.get("cache_budget_bytes"), salt=salt)  # fmt: skip
+        self.candidate = ResidentCandidate(recipe, checkpoints, device=device, vectors=vectors,
+                                           ceiling=ceiling_recipe(recipe, spec) if spec.space else None,
+                                           base_on_device=settings.get("base") == "gpu", quiet=quiet,
+                                           trust_remote_code=trust_remote_code)  # fmt: skip
 
     def write_recipe(self, trial: Trial) -> Recipe:
         """The recipe of the trial's point, written to trials/NNNN.yml before its weights are applied."""
@@ -96,6 +107,6 @@ class TrialEvaluator:
             },
         }
 
-    def close(self) -> None:
-        """Free the candidate's vector store and delete its spill."""
-        self.candidate.close()
+    def close(self, *, keep_spill: bool = False) -> None:
+        """Free the candidate and its vector store (deleting the spill unless `keep_spill`)."""
+        self.candidate.close(keep_spill=keep_spill)

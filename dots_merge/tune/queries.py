@@ -53,14 +53,13 @@ def select_queries(
     samples: int = 5,
     seed: int = 0,
     max_difficulty: float = 0.8,
-    device: str = "cpu",
+    device: str = "auto",
     quiet: bool = True,
     trust_remote_code: bool = False,
 ) -> list[dict[str, Any]]:
     """Score every pool prompt with each fine-tune alone, choose `n`, write them as JSONL to `out`."""
     from dots_merge.fileio import write_atomic
     from dots_merge.merge.driver import as_recipe, inspect_models, resolve_device
-    from dots_merge.merge.prepass import default_cache_dir
     from dots_merge.recipe import model_entries, model_name
     from dots_merge.recipe.tune_section import (
         DEFAULT_SUFFIX,
@@ -73,7 +72,8 @@ def select_queries(
     from dots_merge.tune.answers import answer_comparator, make_extractor
     from dots_merge.tune.candidate import ResidentCandidate
     from dots_merge.tune.generation import load_tokenizer, require_tokenizer
-    from dots_merge.tune.objectives import health_warnings, make_objectives, score
+    from dots_merge.tune.objectives import health_warnings, make_objectives, prompts_of, score
+    from dots_merge.tune.plan import batch_for, longest_prompt
 
     if n < 1:
         raise DotsMergeError(f"--n: must be at least 1, got {n}")
@@ -90,9 +90,14 @@ def select_queries(
     require_tokenizer(next(iter(checkpoints.values())))
     base = model_name(recipe.data["base_model"])
     finetunes = [m for m in dict.fromkeys(model_name(e["model"]) for e in model_entries(recipe.data)) if m != base]
-    candidate = ResidentCandidate(recipe, checkpoints, device=device, cache_dir=default_cache_dir(), quiet=quiet,
-                                  trust_remote_code=trust_remote_code)  # fmt: skip
     tokenizer = load_tokenizer(next(iter(checkpoints.values())).path, trust_remote_code=trust_remote_code)
+    suffix = spec.prompt_suffix if spec else DEFAULT_SUFFIX
+    if generation.batch_size == "auto":
+        batch = batch_for(recipe, checkpoints, samples=samples, max_new_tokens=generation.max_new_tokens,
+                          prompt_tokens=longest_prompt(tokenizer, prompts_of(prompts, suffix)), queries=len(prompts),
+                          device=device)  # fmt: skip
+        generation = dataclasses.replace(generation, batch_size=batch)
+    candidate = ResidentCandidate(recipe, checkpoints, device=device, quiet=quiet, trust_remote_code=trust_remote_code)
     extract = make_extractor(spec.answer if spec else "auto")
     _, equal = answer_comparator(spec.compare if spec else "auto")
     space = [Dimension(m, "weight", 0.0, 1.0) for m in finetunes]
@@ -108,7 +113,7 @@ def select_queries(
             tokenizer,
             prompts,
             objectives=make_objectives(["consistency"]),
-            suffix=spec.prompt_suffix if spec else DEFAULT_SUFFIX,
+            suffix=suffix,
             extract=extract,
             equal=equal,
             generation=dataclasses.replace(generation, samples=samples),

@@ -14,13 +14,14 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import signal
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tqdm
 
@@ -40,6 +41,9 @@ from dots_merge.tune.objectives import (
 from dots_merge.tune.pareto import front, hypervolume, pick, rule_order
 from dots_merge.tune.run_folder import RunLog, open_run, recipe_numbers, trial_path, write_records
 from dots_merge.tune.stores.base import TrialStore, objective_values
+
+if TYPE_CHECKING:
+    from dots_merge.tune.plan import Plan
 
 LOG = logging.getLogger(__name__)
 
@@ -117,8 +121,10 @@ def tune(
     seed: int | None = None,
     backend: str | None = None,
     pick_rule: str | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     resume: bool = False,
+    cache_budget: int | None = None,
+    keep_cache: bool = False,
     quiet: bool = False,
     merge_best: bool = True,
     out_shard_size: str = "5GB",
@@ -174,17 +180,21 @@ def tune(
         authenticate()  # fail fast, before the first trial
 
     run_dir = Path(run_dir)
+    spec, plan = _planned(recipe, spec, checkpoints, device=device, run_dir=run_dir, cache_budget=cache_budget,
+                          trust_remote_code=trust_remote_code)  # fmt: skip
     hint = _resume_command(recipe, run_dir, trials=trials, seed=seed, backend=backend, pick_rule=pick_rule,
-                           storage=storage, study=study, worker=worker, strict=strict)  # fmt: skip
+                           storage=storage, study=study, worker=worker, strict=strict, device=device,
+                           cache_budget=cache_budget, keep_cache=keep_cache)  # fmt: skip
     with _sigterm_as_interrupt():
-        evaluator = _Evaluator(recipe, spec, checkpoints, run_dir, device=device, quiet=quiet,
-                               trust_remote_code=trust_remote_code)  # fmt: skip
+        evaluator = _Evaluator(recipe, spec, checkpoints, run_dir, device=device, quiet=quiet, plan=plan,
+                               keep_cache=keep_cache, trust_remote_code=trust_remote_code)  # fmt: skip
         try:
             store, where = _open_store(recipe, spec, objectives, checkpoints, run_dir, resume=resume,
                                        storage=storage, study=study, worker=worker, heartbeat=heartbeat)  # fmt: skip
             evaluator.worker = store.worker
             with RunLog(run_dir) as log:
                 evaluated = _run(spec, objectives, store, evaluator, quiet=quiet, log=log, strict=strict)
+                evaluator.finished = True
                 store.sync()
                 records = store.records()
                 if worker:
@@ -204,14 +214,34 @@ def tune(
             evaluator.close()
 
 
+def _planned(recipe, spec, checkpoints, *, device: str, run_dir: Path, cache_budget: int | None,
+             trust_remote_code: bool) -> tuple[Any, Plan]:  # fmt: skip
+    """The run's memory/disk plan (as `dots-merge plan` prints it), made before any weights load; refuses a run
+    that does not fit. Returns the spec with `batch_size: auto` resolved, and the plan."""
+    from dots_merge.tune.plan import plan_tune
+
+    plan = plan_tune(recipe, spec, checkpoints, device=device, run_dir=run_dir, cache_budget=cache_budget,
+                     trust_remote_code=trust_remote_code)  # fmt: skip
+    if not plan.fits:
+        raise DotsMergeError(f"{recipe.source}: this run does not fit: {plan.reason} "
+                             f"(`dots-merge plan {recipe.source} --device {device}` shows every part)")  # fmt: skip
+    if spec.generation.batch_size == "auto":
+        generation = dataclasses.replace(spec.generation, batch_size=plan.settings["batch_size"])
+        spec = dataclasses.replace(spec, generation=generation)
+    return spec, plan
+
+
 class _Evaluator:
     """The run's `TrialEvaluator` (resident candidate, tokenizer), loaded on first use: a resumed run whose search
     is complete loads no weights unless validation needs them."""
 
-    def __init__(self, recipe, spec, checkpoints, run_dir: Path, *, device: str, quiet: bool, trust_remote_code: bool):
+    def __init__(self, recipe, spec, checkpoints, run_dir: Path, *, device: str, quiet: bool, plan: Plan,
+                 keep_cache: bool, trust_remote_code: bool):  # fmt: skip
         self._args = (recipe, spec, checkpoints, run_dir)
-        self._options = {"device": device, "quiet": quiet, "trust_remote_code": trust_remote_code}
+        self._options = {"device": device, "quiet": quiet, "trust_remote_code": trust_remote_code, "plan": plan}
         self.worker = "local"
+        self.keep_cache = keep_cache
+        self.finished = False  # the run ended: its spill goes (unless keep_cache); an interrupted run keeps it
         self._value = None
 
     def get(self, log: RunLog):
@@ -220,19 +250,28 @@ class _Evaluator:
 
         if self._value is None:
             log.phase(f"loading the base model on {self._options['device']}")
-            spill = self._args[3] / "cache" / "vectors" / self.worker.replace(":", "-")
-            self._value = TrialEvaluator(*self._args, spill_dir=spill, **self._options)
+            self._value = TrialEvaluator(*self._args, spill_dir=self.spill_dir, **self._options)
         return self._value
 
     def close(self) -> None:
-        """Free the resident candidate (and delete its spill); a later `get` loads it again."""
+        """Free the resident candidate; its spill is deleted once the run has finished (a later `get` loads it
+        again; an interrupted or failed run keeps the spill for --resume)."""
         if self._value is not None:
-            self._value.close()
+            self._value.close(keep_spill=True)
             self._value = None
+        if self.finished and not self.keep_cache:
+            shutil.rmtree(self.spill_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the folder of every worker's spill, once the last one is gone
+                self.spill_dir.parent.rmdir()
+
+    @property
+    def spill_dir(self) -> Path:
+        """This process's spill of task vectors: RUN_DIR/cache/vectors/WORKER."""
+        return self._args[3] / "cache" / "vectors" / self.worker.replace(":", "-")
 
 
 def _resume_command(recipe, run_dir: Path, *, trials, seed, backend, pick_rule, storage, study, worker,
-                    strict=False) -> str:  # fmt: skip
+                    strict=False, device=None, cache_budget=None, keep_cache=False) -> str:  # fmt: skip
     """The command that continues this run with the options it was given (the storage URL without its password)."""
     from dots_merge.tune.stores.optuna_rdb import redact
 
@@ -244,8 +283,21 @@ def _resume_command(recipe, run_dir: Path, *, trials, seed, backend, pick_rule, 
     words += ["--storage", redact(storage)] if storage else []
     words += ["--study", study] if study else []
     words += ["--strict"] if strict else []
+    words += ["--device", device] if device and device != "cpu" else []
+    words += ["--cache-budget", str(cache_budget)] if cache_budget is not None else []
+    words += ["--keep-cache"] if keep_cache else []
     words += ["--worker"] if worker else ["--resume"]
     return shlex.join(words)
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the OS (glibc keeps freed blocks in its arenas)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 @contextlib.contextmanager
@@ -369,6 +421,7 @@ def _finish(recipe, spec, objectives, checkpoints, run_dir, records, started, ev
 
     scored = _validate(spec, objectives, records, run_dir, evaluator, log=log, quiet=quiet) if spec.validation else None
     evaluator.close()
+    release_memory()  # the merge below must not sit on top of the search's freed-but-kept memory
     summary = _summary(records, spec, objectives, scored)
     idx, chosen = summary.pop("_indices")
     by_number = {r["number"]: r for r in records}

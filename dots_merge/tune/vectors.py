@@ -1,139 +1,244 @@
-"""The sparse vector store of a tune: each S(τ) computed once per (model, tensor, k), reused by every trial.
+"""The sparse vector store of a tune: S(τ) of each (fine-tune, tensor) computed once, kept compact and exact.
 
-Vectors (flat float32, on the candidate's device) are kept in memory while they fit in `budget` bytes, least
-recently used evicted first; one that does not fit is written to `spill_dir` (RUN_DIR/cache/vectors during a
-tune) and read back memory-mapped. Without a `spill_dir` it is recomputed when next needed. The base tensors,
-as float32, are kept under the same budget (never spilled: they are a cheap read of the base checkpoint).
-A trial that only changes λ is then one pass of additions (`dots_merge.core.combine`).
+Each entry is a `CompactVector` (`dots_merge.core.compact`): a bitmask of the positions kept at the largest
+density the search can ask for that tensor (its ceiling) plus the fine-tune's values there, in the dtype they were
+loaded in. Any lower density is taken from it exactly (same entries, same tie rule as the merge), so a trial
+with a new density recomputes nothing from the checkpoints and stores nothing new but a few numbers per tensor:
+the selection within the entry and ‖S_k(τ)‖².
+
+Entries live in host memory while they fit in `budget` bytes, least recently used evicted first; an evicted
+one is written to `spill_dir` (RUN_DIR/cache/vectors during a tune) while the spill stays within `spill_budget`
+bytes, again least recently used first, and is read back memory-mapped. What fits nowhere is recomputed from
+the checkpoints when next needed. Spilled files are named by the entry (and the weights' fingerprints), so a
+resumed run reuses them; `close(remove=True)` deletes the spill.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dots_merge.core import TopK, norm_ratio, sparse_task_vector
+from dots_merge.core import (
+    CompactVector,
+    TopK,
+    compress,
+    keep_count,
+    select_within,
+    sparse_chunks_of,
+)
+from dots_merge.faults import fault_point
 from dots_merge.fileio import disk_full_is_an_error
 
-CACHE_VERSION = 1  # in the names of spilled files
-VectorKey = tuple[str, str, int]  # (model, tensor, k); k = -1 for the base tensor itself
-_Key = tuple[str, str, int, str, bool]  # a VectorKey + the dtype the inputs were loaded in + whether norms were taken
+CACHE_VERSION = 2  # in the names of spilled files; 2: compact vectors (bitmask + fine-tune values)
+EntryKey = tuple[str, str, str, bool, str]  # (model, tensor, loaded dtype, norms taken, ceiling density)
+
+
+@dataclass
+class StoredVector:
+    """S_k(τ) of one tensor, ready to stream: its compact entry, the top-k within it, and the base it needs."""
+
+    compact: CompactVector
+    within: TopK
+    base: torch.Tensor
+    kept_norm: float  # ‖S_k(τ)‖² (NaN when the entry was asked without norms)
+
+    def chunks(self, device: torch.device):
+        """(span, S_k(τ)[span]) in float32 over `chunk_spans`, bit for bit the merge's."""
+        return sparse_chunks_of(self.compact, self.base, self.within, device)
 
 
 class VectorStore:
-    """S(τ) and its per-tensor norm ratio by (model, tensor, k), within a memory budget."""
+    """Compact S(τ) entries by (model, tensor), within a host-memory budget and a disk budget."""
 
-    def __init__(self, device: torch.device, *, budget: int | None = None, spill_dir: Path | None = None):
+    def __init__(
+        self,
+        device: torch.device,
+        *,
+        budget: int | None = None,
+        spill_dir: Path | None = None,
+        spill_budget: int | None = None,
+        salt: str = "",
+    ):
         self.device = device
-        self.budget = default_budget(device) if budget is None else budget
+        self.budget = default_budget() if budget is None else budget
         self.spill_dir = spill_dir
-        self._kept: OrderedDict[_Key, tuple[torch.Tensor, float]] = OrderedDict()
+        self.spill_budget = (1 << 62) if spill_budget is None else spill_budget
+        self.salt = salt
+        self._kept: OrderedDict[EntryKey, CompactVector] = OrderedDict()
         self._bytes = 0
-        self._in_use: set[_Key] = set()  # what the current trial uses: never evicted during it
-        self._spilled: dict[_Key, tuple[Path, float]] = {}
-        if spill_dir is not None:  # vectors spilled by an earlier session may be stale
-            shutil.rmtree(spill_dir, ignore_errors=True)
+        self._in_use: set[EntryKey] = set()  # what the current trial uses: never evicted during it
+        self._spilled: OrderedDict[EntryKey, tuple[Path, int]] = OrderedDict()
+        self._disk = 0
+        self._within: dict[tuple[EntryKey, int], tuple[TopK, float]] = {}  # by entry and k
+        self.builds = 0  # entries computed from the checkpoints (a resumed run with its spill computes fewer)
+        self.peak_bytes = 0  # the most host memory the entries took at once
+        self.peak_disk = 0
+        self._lock = threading.RLock()
+        self._adopt_spill()
 
     def begin_trial(self) -> None:
-        """Every vector may be evicted again, except those the new trial asks for."""
+        """Every entry may be evicted again, except those the new trial asks for."""
         self._in_use = set()
-
-    def base(self, name: str, base: torch.Tensor) -> torch.Tensor:
-        """The base tensor as flat float32 on the device, kept while the budget allows."""
-        key = ("", name, -1, str(base.dtype), False)
-        if key in self._kept:
-            self._in_use.add(key)
-            return self._kept[key][0]
-        return self._keep(key, (base.reshape(-1).to(device=self.device, dtype=torch.float32), 1.0))[0]
 
     def vector(
         self,
-        key: VectorKey,
+        model: str,
+        tensor: str,
         base: torch.Tensor,
         load_tuned: Callable[[], torch.Tensor],
         density: float,
         *,
-        selection: TopK | None,
+        ceiling: float,
         check_finite: bool,
         norms: bool,
-    ) -> tuple[torch.Tensor, float]:
-        """S(τ) (flat float32) and ‖τ‖/‖S(τ)‖ of this tensor (1.0 unless `norms`), computed on first use.
+    ) -> StoredVector:
+        """S(τ) of `tensor` at `density` (≤ `ceiling`, the largest density this run asks of it)."""
+        n = base.numel()  # a density whose k would be below 1 keeps the tensor dense: it may need more than the ceiling
+        top = ceiling if keep_count(ceiling, n) >= keep_count(density, n) else density
+        key: EntryKey = (model, tensor, str(base.dtype), norms, repr(float(top)))
+        with self._lock:  # entries are built and evicted one at a time; selections below may run in parallel
+            compact = self._entry(key, base, load_tuned, check_finite=check_finite)
+        k_key = (key, keep_count(density, base.numel()))
+        if k_key not in self._within:
+            self._within[k_key] = select_within(compact, base, density, self.device, norm=norms)
+        within, kept_norm = self._within[k_key]
+        return StoredVector(compact, within, base, kept_norm)
 
-        Kept by `key`, the dtype of `base` (inputs loaded in another dtype give other numbers) and `norms`."""
-        key = (*key, str(base.dtype), norms)
-        if key in self._kept:
-            self._in_use.add(key)
-            self._kept.move_to_end(key)
-            return self._kept[key]
-        if key in self._spilled:
-            path, factor = self._spilled[key]
-            with safe_open(str(path), framework="pt") as f:
-                return f.get_tensor("values").to(self.device), factor  # memory-mapped on the CPU
-        sparse = sparse_task_vector(
-            base, load_tuned().to(self.device), density, selection=selection, check_finite=check_finite, norms=norms
-        )
-        ratio = norm_ratio(sparse.squared_norm, sparse.squared_norm_kept) if norms else 1.0
-        return self._keep(key, (sparse.values, ratio))
+    @staticmethod
+    def squared_norms(vector: StoredVector) -> tuple[float, float]:
+        """(‖τ‖², ‖S_k(τ)‖²) of a stored vector (asked with `norms`), summed as the merge sums them."""
+        return vector.compact.squared_norm, vector.kept_norm
 
     @property
     def spilled(self) -> list[Path]:
-        """The files of the vectors written to disk."""
+        """The files of the entries now on disk."""
         return [path for path, _ in self._spilled.values()]
 
-    def close(self) -> None:
-        """Drop every kept vector and delete the spill folder."""
+    def close(self, *, remove: bool = True) -> None:
+        """Drop every entry kept in memory; with `remove`, delete the spill folder too."""
         self._kept.clear()
-        self._spilled.clear()
         self._bytes = 0
-        if self.spill_dir is not None:
+        if remove and self.spill_dir is not None:
             shutil.rmtree(self.spill_dir, ignore_errors=True)
+            self._spilled.clear()
+            self._disk = 0
 
-    def _keep(self, key: _Key, value: tuple[torch.Tensor, float]) -> tuple[torch.Tensor, float]:
-        """Keep `value` if it fits the budget, evicting what this trial does not use; return it either way."""
+    # -- entries ---------------------------------------------------------------------------------------------
+
+    def _entry(self, key: EntryKey, base, load_tuned, *, check_finite: bool) -> CompactVector:
         self._in_use.add(key)
-        size = value[0].numel() * value[0].element_size()
+        if key in self._kept:
+            self._kept.move_to_end(key)
+            return self._kept[key]
+        if key in self._spilled:
+            self._spilled.move_to_end(key)
+            return self._read(*self._spilled[key])
+        fault_point("prepass")  # the tune's whole-model pass: the store is built on the first trial
+        tuned = load_tuned().to(self.device)
+        compact = compress(base.to(self.device), tuned, float(key[4]), check_finite=check_finite, norms=key[3])
+        self.builds += 1
+        self._keep(key, compact)
+        return compact
+
+    def _keep(self, key: EntryKey, compact: CompactVector) -> None:
+        """Keep `compact` in memory if it fits the budget, spilling what this trial does not use."""
+        size = compact.nbytes
         while self._bytes + size > self.budget:
             stale = next((k for k in self._kept if k not in self._in_use), None)
             if stale is None:
-                self._spill(key, value)
-                return value
-            evicted = self._kept.pop(stale)[0]
-            self._bytes -= evicted.numel() * evicted.element_size()
-        self._kept[key] = value
+                self._spill(key, compact)  # used by this trial from memory, then only from disk
+                return
+            evicted = self._kept.pop(stale)
+            self._bytes -= evicted.nbytes
+            self._spill(stale, evicted)
+        self._kept[key] = compact
         self._bytes += size
-        return value
+        self.peak_bytes = max(self.peak_bytes, self._bytes)
 
-    def _spill(self, key: _Key, value: tuple[torch.Tensor, float]) -> None:
-        """Write a task vector that does not fit in memory to `spill_dir` (base tensors are not spilled)."""
-        if self.spill_dir is None or key[2] < 0:
+    def _spill(self, key: EntryKey, compact: CompactVector) -> None:
+        """Write an entry to `spill_dir` within the disk budget (least recently used files go first)."""
+        if key in self._spilled or self.spill_dir is None:
             return
-        name = hashlib.sha256(repr((CACHE_VERSION, key)).encode()).hexdigest()[:24]
-        path = self.spill_dir / f"{name}.safetensors"
+        size = compact.nbytes
+        while self._disk + size > self.spill_budget:
+            stale = next((k for k in self._spilled if k not in self._in_use), None)
+            if stale is None:
+                return  # no room on disk: recomputed when next needed
+            path, stale_size = self._spilled.pop(stale)
+            path.unlink(missing_ok=True)
+            self._disk -= stale_size
+        path = self.spill_dir / f"{self._name(key)}.safetensors"
         partial = path.with_suffix(".partial")
+        tensors = {"values": compact.values.contiguous()}
+        if compact.mask is not None:
+            tensors["mask"] = compact.mask
+        if compact.high_histogram is not None:
+            tensors["high_histogram"] = compact.high_histogram
+        meta = {"key": json.dumps(list(key)), "numel": str(compact.numel), "kept": str(compact.kept),
+                "squared_norm": repr(compact.squared_norm)}  # fmt: skip
         with disk_full_is_an_error(self.spill_dir, "spilling task vectors that do not fit in memory"):
             try:
                 self.spill_dir.mkdir(parents=True, exist_ok=True)
-                save_file({"values": value[0].detach().to("cpu").contiguous()}, str(partial))
+                save_file(tensors, str(partial), metadata=meta)
                 os.replace(partial, path)
             except BaseException:
                 partial.unlink(missing_ok=True)
                 raise
-        self._spilled[key] = (path, value[1])
+        self._spilled[key] = (path, path.stat().st_size)
+        self._disk += self._spilled[key][1]
+        self.peak_disk = max(self.peak_disk, self._disk)
+
+    def _name(self, key: EntryKey) -> str:
+        return hashlib.sha256(repr((CACHE_VERSION, self.salt, key)).encode()).hexdigest()[:24]
+
+    @staticmethod
+    def _read(path: Path, _size: int) -> CompactVector:
+        """A spilled entry, memory-mapped."""
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            names = set(f.keys())
+            mask = f.get_tensor("mask") if "mask" in names else None
+            hist = f.get_tensor("high_histogram") if "high_histogram" in names else None
+            values = f.get_tensor("values")
+        return CompactVector(int(meta["numel"]), int(meta["kept"]), mask, values, float(meta["squared_norm"]), hist)
+
+    def _adopt_spill(self) -> None:
+        """Take over the entries a previous session of this run spilled (same weights: same names), oldest first;
+        remove anything else found there (partial files, other weights, other versions)."""
+        if self.spill_dir is None or not self.spill_dir.is_dir():
+            return
+        found = []
+        for path in self.spill_dir.iterdir():
+            key = None
+            if path.suffix == ".safetensors":
+                try:
+                    with safe_open(str(path), framework="pt") as f:
+                        key = tuple(json.loads(f.metadata()["key"]))
+                except Exception:  # an unreadable file is only a cache miss
+                    key = None
+            if key is None or path.stem != self._name(key):
+                path.unlink(missing_ok=True)
+                continue
+            found.append((path.stat().st_mtime, key, path))
+        for _, key, path in sorted(found):
+            self._spilled[key] = (path, path.stat().st_size)
+            self._disk += path.stat().st_size
+        self.peak_disk = self._disk
 
 
-def default_budget(device: torch.device) -> int:
-    """30% of the free memory of a GPU; half the machine's available RAM for the CPU."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.3)
+def default_budget() -> int:
+    """Half the machine's available RAM (the compact vectors live in host memory)."""
     try:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)
