@@ -148,7 +148,8 @@ def needed_bytes(parts: Sequence[Part], where: str, *, reclaimable: bool = False
     def total(phase: str) -> int:
         return sum(p.bytes for p in here if p.phase == phase)
 
-    search = total("") + max(total("update"), total("generation"))
+    update = max((p.bytes for p in here if p.phase == "update"), default=0)  # its steps run one after another
+    search = total("") + max(update, total("generation"))
     return total("all") + max(search, total("merge"))
 
 
@@ -263,10 +264,17 @@ def make_plan(
     if gpu:
         parts.append(Part("CUDA context", "gpu", CUDA_CONTEXT, "", "all"))
     parts.append(Part("resident model", dev, shape.model_bytes, f"{shape.params / 1e9:.2f}B parameters"))
-    update = 4 * shape.largest + out_bytes * shape.largest  # float32 result + its cast, largest tensor
+    update = (4 + out_bytes) * shape.largest  # float32 result + its cast, largest tensor
     build = (4 + loaded) * shape.largest  # τ in float32 + the fine-tune's tensor while an entry is compressed
-    parts.append(Part("update scratch (largest tensor)", dev, update, "float32 result and its cast", "update"))
-    parts.append(Part("store build (largest tensor)", dev, build, "first trial only", "update"))
+    top = max((densities or {}).values(), default=0.0)
+    select = int(8 * top * shape.largest) * (1 if gpu else 2)  # τ and |τ| of the kept entries; CPU: 2 at once
+    if gpu:  # the result buffer goes back to the allocator before sampling
+        parts.append(Part("update: result and its cast", dev, update, "largest tensor", "update"))
+    else:  # kept between trials (a fresh one would page-fault every trial)
+        parts.append(Part("update: float32 result", dev, 4 * shape.largest, "largest tensor, kept"))
+        parts.append(Part("update: cast of the result", dev, out_bytes * shape.largest, "largest tensor", "update"))
+    parts.append(Part("update: store build", dev, build, "first trial, largest tensor", "update"))
+    parts.append(Part("update: selection of a new density", dev, select, "largest tensor", "update"))
     store = store_bytes(densities or {}, base.tensors or {}, loaded)
 
     # generation: the batch that fits the device's share
@@ -320,7 +328,8 @@ def make_plan(
         "parameters": shape.params,
         "batch_size": batch,
         "base": base_where,
-        "vectors": "host RAM" if not spill else ("host RAM + disk spill" if spill_budget else "host RAM"),
+        "vectors": "host RAM" if not spill else "host RAM + disk spill" + (
+            " + recomputed each trial" if spill > spill_budget else ""),
         "store_bytes": store,
         "store_ram_bytes": in_ram,
         "cache_budget_bytes": spill_budget,
