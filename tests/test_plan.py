@@ -122,7 +122,7 @@ def test_tune_refuses_a_run_that_does_not_fit_before_loading_weights(llama_trio,
         raise AssertionError("weights were loaded")
 
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_weights)
-    monkeypatch.setattr("dots_merge.tune.plan._host_available", lambda: 64 << 20)  # a 64 MiB machine
+    monkeypatch.setattr("dots_merge.tune.plan.host_available", lambda: 64 << 20)  # a 64 MiB machine
     queries = tmp_path / "q.jsonl"
     queries.write_text('{"prompt": "1 + 1 ="}\n{"prompt": "2 + 2 ="}\n')
     data = dots_recipe(llama_trio)
@@ -144,7 +144,7 @@ def _short_of_ram_for_half_the_store(monkeypatch, recipe_path, run):
     settings = full.settings
     fixed = full.needed("host") - settings["store_ram_bytes"]
     host = int((fixed + settings["store_bytes"] // 2) / (1 - plan_module.HOST_MARGIN))
-    monkeypatch.setattr(plan_module, "_host_available", lambda: host)
+    monkeypatch.setattr(plan_module, "host_available", lambda: host)
     half = _plan(recipe_path, device="cpu", run_dir=run)
     assert 0 < half.settings["store_ram_bytes"] < settings["store_bytes"] and half.fits
     return half

@@ -255,7 +255,7 @@ def make_plan(
     gpu = device.startswith("cuda")
     available = {
         "gpu": (gpu_memory if gpu_memory is not None else _gpu_free(device)) if gpu else None,
-        "host": host_memory if host_memory is not None else _host_available(),
+        "host": host_memory if host_memory is not None else host_available(),
         "disk": disk_free if disk_free is not None else _disk_free(run_dir),
     }
     dev = "gpu" if gpu else "host"
@@ -434,7 +434,8 @@ def _gpu_free(device: str) -> int:
     return int(free)
 
 
-def _host_available() -> int:
+def host_available() -> int:
+    """The machine's available RAM (MemAvailable), in bytes."""
     try:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)
@@ -503,5 +504,5 @@ def batch_for(
     if device.startswith("cuda"):
         share = int(_gpu_free(device) * (1 - GPU_MARGIN)) - shape.model_bytes - CUDA_CONTEXT
     else:
-        share = max(int(_host_available() * (1 - HOST_MARGIN)) // 4, 1 << 30)
+        share = max(int(host_available() * (1 - HOST_MARGIN)) // 4, 1 << 30)
     return _auto_batch(shape, samples, queries, prompt_tokens, max_new_tokens, out_bytes, share)

@@ -239,9 +239,6 @@ class VectorStore:
 
 def default_budget() -> int:
     """Half the machine's available RAM (the compact vectors live in host memory)."""
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024 // 2
-    except (OSError, KeyError, ValueError):
-        return 2 << 30
+    from dots_merge.tune.plan import host_available
+
+    return host_available() // 2
