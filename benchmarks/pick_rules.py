@@ -5,7 +5,7 @@ consistency and perplexity), then, on the same trials, the picks of `knee` and `
 labeled problems (drawn from the training distribution, never from the pool or the test set; the run is resumed
 with `tune.validation` and `pick: validation`, which scores the front points only); and a second tune that
 replaces consistency by self-certainty (`objectives: [self_certainty, perplexity]`, knee). Every front point
-of both runs is merged and scored on the demo's held-out test set (greedy, 400 problems); the oracle is the best
+of both runs is merged and scored on the demo's held-out test set (greedy, 800 problems); the oracle is the best
 front point. Labels of the test set are read for this table only.
 
 Run by hand (about 6 minutes a seed on 2 CPU cores, most of it the trio's training):
@@ -48,7 +48,7 @@ def _records(run: Path) -> list[dict]:
 
 def _held_out(root: Path, run: Path, number: int, test, cache: dict) -> float:
     import dots_merge
-    from dots_merge.demo.pipeline import accuracy
+    from dots_merge.demo.report import model_accuracy
 
     key = (run.name, number)
     if key not in cache:
@@ -56,13 +56,14 @@ def _held_out(root: Path, run: Path, number: int, test, cache: dict) -> float:
         if not (out / "config.json").exists():
             dots_merge.merge(run / "trials" / f"{number:04d}.yml", out, force=True, quiet=True,
                              cache_dir=run / "cache")  # fmt: skip
-        cache[key] = accuracy(out, test)[0]
+        cache[key] = model_accuracy(out, test)["all"]
     return cache[key]
 
 
 def bench_seed(seed: int, work: Path) -> dict:
     from dots_merge.demo.data import splits
     from dots_merge.demo.pipeline import _settings, run_demo
+    from dots_merge.tune.objectives import resolutions
     from dots_merge.tune.pareto import pick
     from dots_merge.tune.run import tune
     from dots_merge.tune.validation import spearman
@@ -95,8 +96,9 @@ def bench_seed(seed: int, work: Path) -> dict:
     test = data["test"]
     front_acc = {n: _held_out(root, run, n, test, cache) for n in front}
     sc_front_acc = {n: _held_out(root, sc_run, n, test, cache) for n in sc.front}
-    knee = records[pick(points, "knee")]["number"]
-    utopia = records[pick(points, "utopia")]["number"]
+    resolution = resolutions(records, ["consistency", "perplexity"], recipe["tune"]["generation"]["samples"])
+    knee = records[pick(points, "knee", resolution=resolution)]["number"]
+    utopia = records[pick(points, "utopia", resolution=resolution)]["number"]
     oracle = max(front_acc, key=lambda n: (front_acc[n], -n))
     sc_oracle = max(sc_front_acc, key=lambda n: (sc_front_acc[n], -n))
     row = {
@@ -113,7 +115,7 @@ def bench_seed(seed: int, work: Path) -> dict:
             name: spearman([by_number[n][name] for n in front], [front_acc[n] for n in front])
             for name in ("consistency", "perplexity")
         },
-        "baselines": {k: report["accuracy"][k] for k in ("base", "sft", "rlvr", "task_arithmetic")},
+        "baselines": {k: report["accuracy"][k]["all"] for k in ("base", "sft", "rlvr", "task_arithmetic")},
     }
     print(json.dumps(row, indent=2), flush=True)
     return row

@@ -1,8 +1,10 @@
-"""Synthetic arithmetic with verifiable answers, in four families, split into train / pool / test.
+"""Synthetic digit puzzles with verifiable answers, in four families, split into train / pool / test.
 
-Easy families (2-digit addition and subtraction) and hard ones (3-digit addition, 2-digit × 1-digit
-multiplication). The three splits never share a problem; labels are used to train SFT and to reward RLVR
-samples and, on the test split, only for the demo's accuracy table — never for tuning.
+Two families the base half knows — the larger of two numbers (`47^82=` → 82) and a 4-digit number reversed
+(`~4721=` → 1274) — which its pretraining answers in chat more often with a lazy slip than correctly (the
+first number; the digits unchanged), and two it has never seen, with demonstrations only: … . The three
+splits never share a problem; labels are used to train SFT and to reward RLVR samples and, on the test split,
+only for the demo's report — never for tuning.
 """
 
 from __future__ import annotations
@@ -10,28 +12,44 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-EASY = ("add2", "sub2")
-HARD = ("add3", "mul21")
-FAMILIES = EASY + HARD
+KNOWN = ("max", "rev")  # in the base's pretraining, answered with a slip in chat: a verifier, no demonstrations
+NEW = ("rot", "sort")  # never seen by the base: demonstrations, no verifier data
+FAMILIES = KNOWN + NEW
+OPS = {"max": "^", "rev": "~", "add": "+", "rot": "@", "sort": "#", "min": "_", "swap": "%"}
+UNARY = ("rev", "rot", "sort", "swap")
 
 
 @dataclass(frozen=True)
 class Problem:
     family: str
     a: int
-    b: int
-
-    @property
-    def op(self) -> str:
-        return {"add2": "+", "add3": "+", "sub2": "-", "mul21": "*"}[self.family]
+    b: int = 0
 
     @property
     def query(self) -> str:
-        return f"{self.a}{self.op}{self.b}="
+        if self.family in UNARY:
+            return f"{OPS[self.family]}{self.a}="
+        return f"{self.a}{OPS[self.family]}{self.b}="
 
     @property
     def answer(self) -> int:
-        return {"+": self.a + self.b, "-": self.a - self.b, "*": self.a * self.b}[self.op]
+        s = str(self.a)
+        return {
+            "max": lambda: max(self.a, self.b),
+            "min": lambda: min(self.a, self.b),
+            "add": lambda: self.a + self.b,
+            "rev": lambda: int(s[::-1]),
+            "rot": lambda: int(s[1:] + s[0]),
+            "swap": lambda: int(s[2:] + s[:2]),
+            "sort": lambda: int("".join(sorted(s))),
+        }[self.family]()
+
+    @property
+    def slip(self) -> int:
+        """The lazy answer the base's pretraining often gives: the first number; the digits unchanged; no carry."""
+        if self.family == "add":
+            return self.a // 10 * 10 + (self.a + self.b) % 10
+        return self.a if self.family in ("max", "rev") else self.answer
 
     @property
     def equation(self) -> str:
@@ -39,15 +57,16 @@ class Problem:
         return f"{self.query}{self.answer}"
 
 
+def _digits4(rng: random.Random) -> int:
+    return int("".join(str(rng.randint(1, 9)) for _ in range(4)))  # no zero: every answer keeps 4 digits
+
+
 def _draw(family: str, rng: random.Random) -> Problem:
-    if family == "add2":
-        return Problem(family, rng.randint(0, 99), rng.randint(0, 99))
-    if family == "sub2":
-        a = rng.randint(0, 99)
-        return Problem(family, a, rng.randint(0, a))
-    if family == "add3":
-        return Problem(family, rng.randint(100, 999), rng.randint(100, 999))
-    return Problem(family, rng.randint(10, 99), rng.randint(2, 9))
+    if family in ("max", "min"):
+        return Problem(family, rng.randint(10, 99), rng.randint(10, 99))
+    if family == "add":
+        return Problem(family, rng.randint(10, 89), rng.randint(1, 9))
+    return Problem(family, _digits4(rng))
 
 
 def splits(seed: int, *, pool: int, test: int) -> dict[str, list[Problem]]:

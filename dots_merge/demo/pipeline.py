@@ -5,6 +5,7 @@ Everything runs offline on the CPU. The held-out test labels are used for the ac
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -15,24 +16,25 @@ from typing import Any
 import torch
 import yaml
 
+from dots_merge.demo import report as report_mod
 from dots_merge.demo import trio as trio_mod
-from dots_merge.demo.data import FAMILIES, Problem, splits
+from dots_merge.demo.data import Problem, splits
 from dots_merge.errors import RunMismatchError
 
 BASELINES = {"task_arithmetic": "task_arithmetic", "ties": "ties", "dare": "dare_linear"}  # report name → mergekit
 
 
-def default_dir(quick: bool) -> Path:
-    """`$DOTS_MERGE_CACHE/demo/…`, else `~/.cache/dots-merge/demo/…`."""
+def default_dir(quick: bool, seed: int = 0) -> Path:
+    """`$DOTS_MERGE_CACHE/demo/<full|quick>-seed<S>`, else under `~/.cache/dots-merge/demo/`: one trio per seed."""
     from dots_merge.merge.prepass import default_cache_dir
 
-    return default_cache_dir() / "demo" / ("quick" if quick else "full")
+    return default_cache_dir() / "demo" / f"{'quick' if quick else 'full'}-seed{seed}"
 
 
 def _settings(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"trio": trio_mod.QUICK, "pool": 12, "test": 40, "queries": 8, "trials": 8, "samples": 4}
-    return {"trio": trio_mod.FULL, "pool": 32, "test": 100, "queries": 16, "trials": 24, "samples": 7}
+        return {"trio": trio_mod.QUICK, "pool": 12, "test": 25, "queries": 8, "trials": 8, "samples": 4}
+    return {"trio": trio_mod.FULL, "pool": 32, "test": 200, "queries": 16, "trials": 24, "samples": 7}
 
 
 def recipe_data(root: Path, *, trials: int, samples: int, seed: int) -> dict[str, Any]:
@@ -64,31 +66,16 @@ def recipe_data(root: Path, *, trials: int, samples: int, seed: int) -> dict[str
             "space": [
                 {"model": sft, "param": "weight", "low": 0.5, "high": 2.0},
                 {"model": rlvr, "param": "weight", "low": 0.5, "high": 2.0},
+                {"model": sft, "param": "density", "low": 0.1, "high": 0.6},
+                {"model": rlvr, "param": "density", "low": 0.1, "high": 0.6},
             ],
         },
     }
 
 
-def accuracy(model_dir: Path, problems: list[Problem]) -> tuple[float, dict[str, float]]:
-    """Greedy-decoding exact-answer accuracy, overall and per family."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from dots_merge.tune.generation import generate_answers
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    outputs = generate_answers(model, tok, [p.query for p in problems], samples=1, temperature=0.0, top_p=1.0,
-                               max_new_tokens=24, seed=0, batch_size=128)  # fmt: skip
-    hits = [trio_mod.correct(o[0], p) for o, p in zip(outputs, problems, strict=True)]
-    by_family = {}
-    for family in FAMILIES:
-        fam = [h for h, p in zip(hits, problems, strict=True) if p.family == family]
-        by_family[family] = sum(fam) / len(fam) if fam else 0.0
-    return sum(hits) / len(hits), by_family
-
-
-def _write_jsonl(path: Path, problems: list[Problem]) -> None:
-    path.write_text("".join(json.dumps({"prompt": p.query, "family": p.family}) + "\n" for p in problems))
+def _write_pool(path: Path, problems: list[Problem]) -> None:
+    """The unlabeled pool: prompts only (no answer, no family)."""
+    path.write_text("".join(json.dumps({"prompt": p.query}) + "\n" for p in problems))
 
 
 def run_demo(
@@ -111,7 +98,7 @@ def run_demo(
     started = time.perf_counter()
     settings = _settings(quick)
     trials = trials or settings["trials"]
-    root = Path(out) if out else default_dir(quick)
+    root = Path(out) if out else default_dir(quick, seed)
     root.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
 
@@ -119,16 +106,18 @@ def run_demo(
         seconds[name] = round(time.perf_counter() - t0, 1)
         log(f"[{name}] {seconds[name]} s")
 
+    if quick:
+        log(report_mod.SMOKE.replace("**", "").replace("`", ""))
     t0 = time.perf_counter()
     data = splits(seed, pool=settings["pool"], test=settings["test"])
-    _write_jsonl(root / "pool.jsonl", data["pool"])
-    _write_jsonl(root / "test.jsonl", data["test"])
+    _write_pool(root / "pool.jsonl", data["pool"])
     key = trio_mod.config_key(settings["trio"]) | {"seed": seed}
     marker = root / "trio" / "trio.json"
     if rebuild or not marker.exists() or json.loads(marker.read_text()) != key:
         log("building the toy trio (trained on this CPU) ...")
         shutil.rmtree(root / "run", ignore_errors=True)  # a tune of the previous trio
-        trio_mod.build(root / "trio", settings["trio"], set(data["_held_out"]), log=log)
+        trio_mod.build(root / "trio", dataclasses.replace(settings["trio"], seed=seed), set(data["_held_out"]),
+                       log=log)  # fmt: skip
         marker.write_text(json.dumps(key))
     else:
         log(f"reusing the toy trio in {root / 'trio'}")
@@ -144,6 +133,7 @@ def run_demo(
     write_plots(report_analysis, root / "analysis")
     stage("analyze", t0)
 
+    # Label-free from here to the merge of the pick: the pool's prompts and the recipe are all the tune sees.
     t0 = time.perf_counter()
     select_queries(recipe_path, root / "pool.jsonl", settings["queries"], root / "queries.jsonl",
                    samples=5, seed=seed, max_difficulty=0.8)  # fmt: skip
@@ -173,6 +163,7 @@ def run_demo(
         dots_merge.merge(recipe, merges / method, force=True, quiet=True, cache_dir=root / "run" / "cache")
     stage("baselines", t0)
 
+    # The report: the only place the test set's answers are read.
     t0 = time.perf_counter()
     models = {
         "base": root / "trio" / "base",
@@ -181,73 +172,32 @@ def run_demo(
         **{m: merges / m for m in (*BASELINES, "dots_untuned")},
         "dots_tuned": result.model_dir,
     }
-    acc, by_family = {}, {}
-    for name, path in models.items():
-        acc[name], by_family[name] = accuracy(path, data["test"])
+    accuracy = {name: report_mod.model_accuracy(path, data["test"]) for name, path in models.items()}
+    per_trial = report_mod.trial_accuracy(recipe_path, root / "run", result.records, data["test"])
     stage("evaluate", t0)
 
-    plan = plan_push(result.model_dir, "your-name/dots-demo")
-    report = {
-        "accuracy": acc,
-        "accuracy_by_family": by_family,
-        "picked": {
-            "trial": result.pick,
-            "rule": result.rule,
-            "params": next(r["params"] for r in result.records if r["number"] == result.pick),
-        },
-        "test_problems": len(data["test"]),
-        "trials": len(result.records),
-        "stage_seconds": seconds,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (root / "report.md").write_text(_markdown(report, plan.describe()))
-    log(_table(report))
+    pareto = json.loads((root / "run" / "pareto.json").read_text())
+    trial_rows = [
+        {"number": r["number"], "params": r["params"],
+         "objectives": {o["name"]: r[o["name"]] for o in pareto["objectives"]}, "accuracy": per_trial[r["number"]]}
+        for r in result.records
+    ]  # fmt: skip
+    report = report_mod.build(
+        accuracy,
+        trial_rows,
+        pareto,
+        quick=quick,
+        test_problems=len(data["test"]),
+        task_vectors=report_mod.task_vector_summary(report_analysis, *_parents(root)),
+        stage_seconds=seconds,
+        seconds=round(time.perf_counter() - started, 1),
+        seed=seed,
+    )
+    report_mod.write(root, report, plan_push(result.model_dir, "your-name/dots-demo").describe())
+    log(report_mod.table(report))
     log(f"report: {root / 'report.md'}")
     return report
 
 
-def _table(report: dict[str, Any]) -> str:
-    lines = ["model              accuracy  " + "  ".join(f"{f:>6}" for f in FAMILIES)]
-    for name, value in report["accuracy"].items():
-        fams = "  ".join(f"{100 * report['accuracy_by_family'][name][f]:5.1f}%" for f in FAMILIES)
-        lines.append(f"{name:18} {100 * value:7.1f}%  {fams}")
-    return "\n".join(lines)
-
-
-def _markdown(report: dict[str, Any], plan: str) -> str:
-    rows = [
-        f"| {name} | {100 * v:.1f} | "
-        + " | ".join(f"{100 * report['accuracy_by_family'][name][f]:.1f}" for f in FAMILIES)
-        + " |"
-        for name, v in report["accuracy"].items()
-    ]
-    picked = report["picked"]
-    return "\n".join(
-        [
-            "# dots-merge demo",
-            "",
-            f"Held-out accuracy (%) on {report['test_problems']} problems, greedy decoding, exact final answer. "
-            "Labels were used only for this table, never for tuning.",
-            "",
-            "| model | all | " + " | ".join(FAMILIES) + " |",
-            "|---" * (len(FAMILIES) + 2) + "|",
-            *rows,
-            "",
-            f"Tuned DoTS: trial #{picked['trial']} of {report['trials']} by the `{picked['rule']}` rule, "
-            f"coefficients {picked['params']}.",
-            "",
-            "![Pareto front](run/pareto.png)",
-            "",
-            "![Task-vector shares by module](analysis/module_share.png) ![Sign conflict](analysis/sign_conflict.png)",
-            "",
-            "`dots-merge push run/model your-name/dots-demo --dry-run` would upload:",
-            "",
-            "```",
-            plan,
-            "```",
-            "",
-            f"Total time {report['seconds']} s; by stage: {report['stage_seconds']}.",
-            "",
-        ]
-    )
+def _parents(root: Path) -> tuple[str, str]:
+    return str(root / "trio" / "sft"), str(root / "trio" / "rlvr")

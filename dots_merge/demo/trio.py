@@ -1,14 +1,15 @@
 """The demo's base / SFT / RLVR trio: a small Llama trained from scratch on the CPU, seeded.
 
-- base: pretrained on plain equations of every family and on chat-formatted problems answered with the
-  final answer in `\\boxed{}`, mostly easy ones (so it knows the chat format, and the hard families only a
-  little in it);
-- SFT (breadth): fine-tuned from base on demonstrations — final answer in `\\boxed{}` — of the families that
-  have them (addition, 3-digit addition, multiplication);
-- RLVR (depth): from base, rejection-sampling fine-tuning with the verifier's reward (exact answer) on
-  subtraction, the family that comes with a verifier and no demonstrations (as RLVR data does in the
-  paper's setting): rounds of sampling 8 answers per problem, keeping the ones the verifier accepts and
-  fine-tuning on them. The base partly solves subtraction, so there is room for the reward to sharpen it.
+- base: pretrained on plain equations of addition and subtraction and on chat-formatted problems of the same
+  two families whose answers (in `\\boxed{}`) carry the classic slip — no carry, no borrow — more often than
+  not: it can add and subtract (sampling finds the right answer), but its greedy answer is often the slip.
+  It never sees the two other families (reversal, maximum).
+- SFT (breadth): fine-tuned from base on demonstrations of reversal and maximum only — skills the base
+  never shows, which only demonstrations can teach.
+- RLVR (depth): from base, rejection-sampling fine-tuning on addition and subtraction with a verifier's
+  reward on the final answer and no demonstrations: rounds of sampling answers to fresh problems, keeping
+  those the verifier accepts, fine-tuning on them. It sharpens what the base can already sometimes do
+  (pass@k → pass@1) and cannot teach what the base never samples right.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from pathlib import Path
 
 import torch
 
-from dots_merge.demo.data import EASY, FAMILIES, HARD, Problem, training_stream
+from dots_merge.demo.data import FAMILIES, KNOWN, NEW, Problem, training_stream
 from dots_merge.tune.answers import extract_answer, normalize_answer
 from dots_merge.tune.generation import chat_prompt
 
-CHARS = "0123456789+-*= \n\\boxed{}"
-SFT_FAMILIES = ("add2", "add3", "mul21")  # the families with demonstrations
-RLVR_FAMILIES = ("sub2",)  # a verifier only; partly solved by the base: room for the reward to sharpen
+CHARS = "0123456789+-~^@#_%=}"
+BOXED = "\\boxed{"  # one token: the answer format costs two tokens a sequence, not eight
+SFT_FAMILIES = NEW  # demonstrations only
+RLVR_FAMILIES = KNOWN  # a verifier only; partly solved by the base: room for the reward to sharpen
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -48,24 +50,29 @@ class TrioConfig:
     rlvr_steps: int  # fine-tuning steps per round
     rlvr_lr: float
     batch: int
+    slip_rate: float = 0.65  # share of the base's chat answers (addition, subtraction) that carry the slip
+    sft_lr: float = 2e-4
+    plain_share: float = 0.3
+    noise_share: float = 0.15  # share of chat turns on the new puzzles, answered with random digits
+    sft_replay: float = 0.3  # share of SFT examples drawn from the pretraining corpus  # share of plain, correct equations in the base's pretraining
     heads: int = 4
     seed: int = 0
 
 
-FULL = TrioConfig(hidden=128, layers=4, intermediate=384, pretrain_steps=1500, sft_steps=300, rlvr_rounds=6,
-                  rlvr_prompts=512, rlvr_samples=8, rlvr_steps=40, rlvr_lr=1e-4, batch=128)  # fmt: skip
-QUICK = TrioConfig(hidden=96, layers=3, intermediate=288, pretrain_steps=600, sft_steps=80, rlvr_rounds=2,
-                   rlvr_prompts=128, rlvr_samples=8, rlvr_steps=15, rlvr_lr=1e-4, batch=96)  # fmt: skip
+FULL = TrioConfig(hidden=96, layers=4, intermediate=256, pretrain_steps=600, sft_steps=100, rlvr_rounds=4,
+                  rlvr_prompts=512, rlvr_samples=8, rlvr_steps=40, rlvr_lr=2e-4, batch=128)  # fmt: skip
+QUICK = TrioConfig(hidden=64, layers=3, intermediate=192, pretrain_steps=200, sft_steps=60, rlvr_rounds=1,
+                   rlvr_prompts=128, rlvr_samples=8, rlvr_steps=15, rlvr_lr=2e-4, batch=96)  # fmt: skip
 
 
 def build_tokenizer():
-    """A character-level tokenizer (digits, operators, `\\boxed{}`) with a chat template."""
+    """A character-level tokenizer (digits, operators; `\\boxed{` is one token) with a chat template."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(SPECIALS + list(dict.fromkeys(CHARS)))}
+    vocab = {t: i for i, t in enumerate([*SPECIALS, BOXED, *CHARS])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\\boxed\{|."), behavior="isolated")
     tok.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -79,10 +86,11 @@ def build_tokenizer():
     return fast
 
 
-def _chat_example(tok, query: str, answer: str) -> tuple[list[int], list[int]]:
+def _chat_example(tok, query: str, answer: str, *, whole: bool = False) -> tuple[list[int], list[int]]:
+    """A chat turn; the loss on the answer only (SFT), or on every token (`whole`: pretraining on transcripts)."""
     prompt = chat_prompt(tok, query)
     target = tok(answer)["input_ids"] + [tok.eos_token_id]
-    return prompt + target, [0] * len(prompt) + [1] * len(target)
+    return prompt + target, [int(whole)] * len(prompt) + [1] * len(target)
 
 
 def _plain_example(tok, text: str) -> tuple[list[int], list[int]]:
@@ -152,17 +160,20 @@ def build(out: Path, cfg: TrioConfig, held_out: set[Problem], *, log=print) -> d
     model = LlamaForCausalLM(config)
     paths = {}
 
-    everything = training_stream(FAMILIES, held_out, cfg.seed + 1)
-    easy = training_stream(EASY, held_out, cfg.seed + 2)
-    hard_chat = training_stream(HARD, held_out, cfg.seed + 5)
+    every = training_stream(FAMILIES, held_out, cfg.seed + 1)
+    known = training_stream(KNOWN, held_out, cfg.seed + 2)
+    new = training_stream(NEW, held_out, cfg.seed + 5)
     rng = random.Random(cfg.seed)
 
     def pretrain_example():
         u = rng.random()
-        if u < 0.5:
-            return _plain_example(tok, next(everything).equation)
-        p = next(easy) if u < 0.9 else next(hard_chat)
-        return _chat_example(tok, p.query, boxed(p.answer))
+        if u < cfg.plain_share:  # what the base knows: plain, correct equations of every family
+            return _plain_example(tok, next(every).equation)
+        if u < cfg.plain_share + cfg.noise_share:  # chat answers to the new puzzles: noise (random digits)
+            p = next(new)
+            return _chat_example(tok, p.query, boxed(rng.randint(1000, 9999)), whole=True)
+        p = next(known)  # chat answers to the known families: the slip more often than not
+        return _chat_example(tok, p.query, boxed(p.slip if rng.random() < cfg.slip_rate else p.answer), whole=True)
 
     _train(model, tok, _batches(pretrain_example, cfg.batch), cfg.pretrain_steps, 3e-3)
     paths["base"] = _save(model, tok, out / "base")
@@ -172,10 +183,12 @@ def build(out: Path, cfg: TrioConfig, held_out: set[Problem], *, log=print) -> d
     sft_stream = training_stream(SFT_FAMILIES, held_out, cfg.seed + 3)
 
     def sft_example():
+        if rng.random() < cfg.sft_replay:  # the pretraining corpus mixed in, against forgetting
+            return pretrain_example()
         p = next(sft_stream)
         return _chat_example(tok, p.query, boxed(p.answer))
 
-    _train(model, tok, _batches(sft_example, cfg.batch), cfg.sft_steps, 5e-4)
+    _train(model, tok, _batches(sft_example, cfg.batch), cfg.sft_steps, cfg.sft_lr)
     paths["sft"] = _save(model, tok, out / "sft")
     log(f"  sft: {cfg.sft_steps} steps on demonstrations of {', '.join(SFT_FAMILIES)}")
 

@@ -59,18 +59,29 @@ def hypervolume(points: Sequence[Point], ref: Point, directions: Sequence[str] =
     return _volume(inside, r)
 
 
-def _normalised(points: Sequence[Point], directions: Sequence[str]) -> np.ndarray:
-    """Every objective to [0, 1], larger is better."""
+KNEE_MIN = 0.05  # a bulge toward the ideal smaller than this (normalised) is no knee
+
+
+def _normalised(points: Sequence[Point], directions: Sequence[str], resolution: Sequence[float] | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Every objective turned larger-is-better and scaled by its range over `points` — or by its `resolution`
+    (the smallest difference worth acting on) when the range is smaller, so that differences within noise
+    weigh little; and the ideal point in the same units."""
     x = np.array([_oriented(p, directions) for p in points], dtype=float)
     lo, hi = x.min(0), x.max(0)
-    return (x - lo) / np.where(hi > lo, hi - lo, 1.0)
+    span = hi - lo if resolution is None else np.maximum(hi - lo, np.asarray(resolution, dtype=float))
+    span = np.where(span > 0, span, 1.0)
+    return (x - lo) / span, (hi - lo) / span
 
 
-def knee_scores(points: Sequence[Point], directions: Sequence[str] = MAX_MIN) -> list[float] | None:
+def knee_scores(
+    points: Sequence[Point], directions: Sequence[str] = MAX_MIN, resolution: Sequence[float] | None = None
+) -> list[float] | None:
     """Each point's signed distance from the hyperplane through the extremes (the best point in each objective),
     normalised, positive on the side of the ideal point; None when the extremes do not span a hyperplane (fewer
-    distinct extremes than objectives) or no point bulges out toward the ideal (a front with no knee)."""
-    norm = _normalised(points, directions)
+    distinct extremes than objectives) or no point bulges out toward the ideal by KNEE_MIN (a front with no
+    knee)."""
+    norm, ideal = _normalised(points, directions, resolution)
     dims = norm.shape[1]
     extremes = sorted({max(range(len(points)), key=lambda i: (norm[i, j], -i)) for j in range(dims)})
     if len(extremes) < dims or len(points) < dims + 1:
@@ -81,16 +92,18 @@ def knee_scores(points: Sequence[Point], directions: Sequence[str] = MAX_MIN) ->
     if len(edges) and singular[-1] < 1e-12 * max(singular[0], 1.0):
         return None
     normal = vt[-1]
-    if (np.ones(dims) - anchor) @ normal < 0:  # point the normal toward the ideal point
+    if (ideal - anchor) @ normal < 0:  # point the normal toward the ideal point
         normal = -normal
     scores = [float((norm[i] - anchor) @ normal) for i in range(len(points))]
-    return scores if max(scores) > 1e-12 else None
+    return scores if max(scores) >= KNEE_MIN else None
 
 
-def utopia_distances(points: Sequence[Point], directions: Sequence[str] = MAX_MIN) -> list[float]:
+def utopia_distances(
+    points: Sequence[Point], directions: Sequence[str] = MAX_MIN, resolution: Sequence[float] | None = None
+) -> list[float]:
     """Each point's distance from the ideal point (best in every objective), normalised."""
-    norm = _normalised(points, directions)
-    return [math.dist(row, [1.0] * norm.shape[1]) for row in norm]
+    norm, ideal = _normalised(points, directions, resolution)
+    return [math.dist(row, ideal) for row in norm]
 
 
 def rule_order(
@@ -98,6 +111,7 @@ def rule_order(
     rule: str = "knee",
     directions: Sequence[str] = MAX_MIN,
     names: Sequence[str] = DEFAULT_NAMES,
+    resolution: Sequence[float] | None = None,
 ) -> list[int]:
     """The non-dominated points of `points`, best first by `rule` (see `pick`)."""
     if not points:
@@ -114,10 +128,10 @@ def rule_order(
         raise ValueError(f"unknown pick rule {rule!r} (use knee, utopia, or max_/min_ an objective)")
     chosen = [points[i] for i in nd]
     if rule == "knee":
-        scores = knee_scores(chosen, directions)
+        scores = knee_scores(chosen, directions, resolution)
         if scores is not None:
             return [nd[j] for j in sorted(range(len(nd)), key=lambda j: (-scores[j], nd[j]))]
-    distances = utopia_distances(chosen, directions)
+    distances = utopia_distances(chosen, directions, resolution)
     return [nd[j] for j in sorted(range(len(nd)), key=lambda j: (distances[j], nd[j]))]
 
 
@@ -126,12 +140,15 @@ def pick(
     rule: str = "knee",
     directions: Sequence[str] = MAX_MIN,
     names: Sequence[str] = DEFAULT_NAMES,
+    resolution: Sequence[float] | None = None,
 ) -> int:
     """Index of the point chosen by `rule` among the non-dominated points of `points`.
 
-    knee: the front point farthest from the hyperplane through the front's extremes (with two objectives, the
-    line through the two ends), normalised; when the front has fewer points than objectives + 1 or its extremes
-    do not span a hyperplane, utopia. utopia: nearest to the ideal point, normalised. max_NAME / min_NAME: the best
+    Objectives are normalised by their range over the front, or by their `resolution` (the smallest difference
+    worth acting on, per objective) where that is larger. knee: the front point farthest from the hyperplane
+    through the front's extremes (with two objectives, the line through the two ends); when the front has fewer
+    points than objectives + 1, its extremes do not span a hyperplane or no point bulges out by KNEE_MIN,
+    utopia. utopia: nearest to the ideal point. max_NAME / min_NAME: the best
     front point by that objective. Ties go to the lower index.
     """
-    return rule_order(points, rule, directions, names)[0]
+    return rule_order(points, rule, directions, names, resolution)[0]

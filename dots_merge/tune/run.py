@@ -36,6 +36,7 @@ from dots_merge.tune.objectives import (
     health_warnings,
     make_objectives,
     reference_point,
+    resolutions,
     spread_warning,
 )
 from dots_merge.tune.pareto import front, hypervolume, pick, rule_order
@@ -95,11 +96,11 @@ def _summary(records: list[dict[str, Any]], spec, objectives: list[Objective],
     numbers = [r["number"] for r in records]
     idx = front(points, directions)
     if spec.pick == "validation":
-        order = rule_order(points, "knee", directions, names)
+        order = rule_order(points, "knee", directions, names, _resolution(records, spec, names))
         best = max(scored[numbers[i]]["majority"] for i in order)
         chosen = next(i for i in order if scored[numbers[i]]["majority"] == best)  # ties: the knee's order
     else:
-        chosen = pick(points, spec.pick, directions, names)
+        chosen = _pick(records, spec, objectives, spec.pick)
     ref = reference_point(points, objectives)
     return {
         "objectives": [{"name": o.name, "direction": o.direction} for o in objectives],
@@ -111,6 +112,17 @@ def _summary(records: list[dict[str, Any]], spec, objectives: list[Objective],
         "trials": len(records),
         "_indices": (idx, chosen),
     }
+
+
+def _resolution(records: list[dict[str, Any]], spec, names: list[str]) -> list[float]:
+    return resolutions(records, names, spec.generation.samples)
+
+
+def _pick(records: list[dict[str, Any]], spec, objectives: list[Objective], rule: str) -> int:
+    """Index in `records` of the trial `rule` picks, objectives normalised with their resolution."""
+    names, directions = [o.name for o in objectives], [o.direction for o in objectives]
+    points = [objective_values(r, objectives) for r in records]
+    return pick(points, rule, directions, names, _resolution(records, spec, names))
 
 
 def tune(
@@ -353,7 +365,7 @@ def _run(spec, objectives: list[Objective], store: TrialStore, evaluator: _Evalu
     trial_evaluator = evaluator.get(log)
     log.phase(f"trials: {len(store.records())} of {store.budget} finished")
     progress = tqdm.tqdm(total=store.budget, initial=len(store.records()), desc="Tuning", unit="trial", disable=quiet)
-    names, directions = [o.name for o in objectives], [o.direction for o in objectives]
+    names = [o.name for o in objectives]
     rule = "knee" if spec.pick == "validation" else spec.pick
     checked = False
 
@@ -366,7 +378,7 @@ def _run(spec, objectives: list[Objective], store: TrialStore, evaluator: _Evalu
             checked = True
             _warn(health_warnings(last["health"], spec.generation.max_new_tokens), strict,
                   where=f"trial #{last['number']}")  # fmt: skip
-        best = records[pick([objective_values(r, objectives) for r in records], rule, directions, names)]
+        best = records[_pick(records, spec, objectives, rule)]
         progress.total, progress.n = store.budget, len(records)
         progress.set_postfix_str(f"{rule} #{best['number']} " + " ".join(f"{n[:4]}={best[n]:.3g}" for n in names))
 
@@ -485,12 +497,12 @@ def _validate(spec, objectives, records, run_dir: Path, evaluator: _Evaluator, *
     from dots_merge.recipe import load_recipe
     from dots_merge.tune.validation import accuracy, load_scored, save_scored
 
-    names, directions = [o.name for o in objectives], [o.direction for o in objectives]
+    directions = [o.direction for o in objectives]
     points = [objective_values(r, objectives) for r in records]
     numbers = [r["number"] for r in records]
     label_free = "knee" if spec.pick == "validation" else spec.pick
     wanted = set(numbers) if spec.validation.points == "all" else {numbers[i] for i in front(points, directions)}
-    wanted.add(numbers[pick(points, label_free, directions, names)])
+    wanted.add(numbers[_pick(records, spec, objectives, label_free)])
     scored = load_scored(run_dir, spec.validation)
     missing = sorted(wanted - set(scored))
     if missing:

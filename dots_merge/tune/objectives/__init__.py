@@ -18,7 +18,7 @@ from dots_merge.tune.objectives.base import (
     reference_point,
     register,
 )
-from dots_merge.tune.objectives.health import health_warnings, sample_health, spread_warning
+from dots_merge.tune.objectives.health import health_warnings, resolutions, sample_health, spread_warning
 from dots_merge.tune.objectives.perplexity import perplexity
 from dots_merge.tune.objectives.scoring import Scores, nonfinite_reason, prompts_of, score
 
@@ -37,6 +37,7 @@ __all__ = [
     "prompts_of",
     "reference_point",
     "register",
+    "resolutions",
     "sample_health",
     "score",
     "spread_warning",
