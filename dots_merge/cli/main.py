@@ -320,10 +320,10 @@ def _run_push(args: argparse.Namespace) -> int:
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole pipeline offline on a toy trio it trains itself")
-    p.add_argument("--out", metavar="DIR", help="working folder (default: ~/.cache/dots-merge/demo/full|quick)")
-    p.add_argument("--quick", action="store_true", help="smaller trio and fewer trials (about a minute)")
+    p.add_argument("--out", metavar="DIR", help="working folder (default: ~/.cache/dots-merge/demo/full-seedS, quick-seedS)")
+    p.add_argument("--quick", action="store_true", help="a smoke test: a tiny trio, fewer trials (under 90 s); its numbers show nothing")
     p.add_argument("--trials", type=int, help="tuning trials (default 24; 8 with --quick)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the trio (a fresh one per seed), the splits and the tune")
     p.add_argument("--rebuild", action="store_true", help="train the trio again even if a matching one is cached")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_demo)
