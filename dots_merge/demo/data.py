@@ -2,7 +2,8 @@
 
 Two families the base half knows — the larger of two numbers (`47^82=` → 82) and a 4-digit number reversed
 (`~4721=` → 1274) — which its pretraining answers in chat more often with a lazy slip than correctly (the
-first number; the digits unchanged), and two it has never seen, with demonstrations only: … . The three
+first number; the digits unchanged); and two it knows from plain text but never answers in chat, which only
+demonstrations teach — the digits rotated left (`@4721=` → 7214) and sorted (`#4721=` → 1247). The three
 splits never share a problem; labels are used to train SFT and to reward RLVR samples and, on the test split,
 only for the demo's report — never for tuning.
 """
@@ -12,11 +13,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-KNOWN = ("max", "rev")  # in the base's pretraining, answered with a slip in chat: a verifier, no demonstrations
-NEW = ("rot", "sort")  # never seen by the base: demonstrations, no verifier data
+KNOWN = ("max", "rev")  # answered with a slip in the base's chat: a verifier, no demonstrations (RLVR's)
+NEW = ("rot", "sort")  # never answered in the base's chat: demonstrations, no verifier data (SFT's)
 FAMILIES = KNOWN + NEW
-OPS = {"max": "^", "rev": "~", "add": "+", "rot": "@", "sort": "#", "min": "_", "swap": "%"}
-UNARY = ("rev", "rot", "sort", "swap")
+OPS = {"max": "^", "rev": "~", "rot": "@", "sort": "#"}
 
 
 @dataclass(frozen=True)
@@ -27,29 +27,26 @@ class Problem:
 
     @property
     def query(self) -> str:
-        if self.family in UNARY:
+        if self.family != "max":
             return f"{OPS[self.family]}{self.a}="
         return f"{self.a}{OPS[self.family]}{self.b}="
 
     @property
     def answer(self) -> int:
-        s = str(self.a)
-        return {
-            "max": lambda: max(self.a, self.b),
-            "min": lambda: min(self.a, self.b),
-            "add": lambda: self.a + self.b,
-            "rev": lambda: int(s[::-1]),
-            "rot": lambda: int(s[1:] + s[0]),
-            "swap": lambda: int(s[2:] + s[:2]),
-            "sort": lambda: int("".join(sorted(s))),
-        }[self.family]()
+        digits = str(self.a)
+        if self.family == "max":
+            return max(self.a, self.b)
+        if self.family == "rev":
+            return int(digits[::-1])
+        if self.family == "rot":
+            return int(digits[1:] + digits[0])
+        return int("".join(sorted(digits)))
 
     @property
     def slip(self) -> int:
-        """The lazy answer the base's pretraining often gives: the first number; the digits unchanged; no carry."""
-        if self.family == "add":
-            return self.a // 10 * 10 + (self.a + self.b) % 10
-        return self.a if self.family in ("max", "rev") else self.answer
+        """The lazy answer the base's chat pretraining often gives: the first number (max); the digits unchanged
+        (rev)."""
+        return self.a if self.family in KNOWN else self.answer
 
     @property
     def equation(self) -> str:
@@ -62,10 +59,8 @@ def _digits4(rng: random.Random) -> int:
 
 
 def _draw(family: str, rng: random.Random) -> Problem:
-    if family in ("max", "min"):
+    if family == "max":
         return Problem(family, rng.randint(10, 99), rng.randint(10, 99))
-    if family == "add":
-        return Problem(family, rng.randint(10, 89), rng.randint(1, 9))
     return Problem(family, _digits4(rng))
 
 

@@ -1,15 +1,15 @@
 """The demo's base / SFT / RLVR trio: a small Llama trained from scratch on the CPU, seeded.
 
-- base: pretrained on plain equations of addition and subtraction and on chat-formatted problems of the same
-  two families whose answers (in `\\boxed{}`) carry the classic slip — no carry, no borrow — more often than
-  not: it can add and subtract (sampling finds the right answer), but its greedy answer is often the slip.
-  It never sees the two other families (reversal, maximum).
-- SFT (breadth): fine-tuned from base on demonstrations of reversal and maximum only — skills the base
-  never shows, which only demonstrations can teach.
-- RLVR (depth): from base, rejection-sampling fine-tuning on addition and subtraction with a verifier's
-  reward on the final answer and no demonstrations: rounds of sampling answers to fresh problems, keeping
-  those the verifier accepts, fine-tuning on them. It sharpens what the base can already sometimes do
-  (pass@k → pass@1) and cannot teach what the base never samples right.
+- base: pretrained on a corpus of plain, correct equations of all four puzzles (it knows them), chat
+  transcripts of `max` and `rev` whose answers carry a lazy slip more often than not (sampling finds the right
+  answer, greedy decoding mostly gives the slip), and chat turns on `rot` and `sort` answered with random
+  digits (it never answers them in chat). The loss covers every token: this is pretraining, not SFT.
+- SFT (breadth): fine-tuned from base on demonstrations of `rot` and `sort` only, a share of its batches
+  replaying the pretraining corpus against forgetting: it teaches what the base never does.
+- RLVR (depth): from base, rejection-sampling fine-tuning on `max` and `rev` with a verifier's reward on the
+  final answer and no demonstrations: rounds of sampling answers to fresh problems, keeping those the verifier
+  accepts, fine-tuning on them. It sharpens what the base can already sometimes do (pass@k → pass@1) and
+  cannot teach what the base never samples right.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dots_merge.demo.data import FAMILIES, KNOWN, NEW, Problem, training_stream
 from dots_merge.tune.answers import extract_answer, normalize_answer
 from dots_merge.tune.generation import chat_prompt
 
-CHARS = "0123456789+-~^@#_%=}"
+CHARS = "0123456789+-~^@#_%=}"  # digits, the puzzles' operators, four spare ones (part of the vocabulary)
 BOXED = "\\boxed{"  # one token: the answer format costs two tokens a sequence, not eight
 SFT_FAMILIES = NEW  # demonstrations only
 RLVR_FAMILIES = KNOWN  # a verifier only; partly solved by the base: room for the reward to sharpen
@@ -50,11 +50,11 @@ class TrioConfig:
     rlvr_steps: int  # fine-tuning steps per round
     rlvr_lr: float
     batch: int
-    slip_rate: float = 0.65  # share of the base's chat answers (addition, subtraction) that carry the slip
+    slip_rate: float = 0.65  # share of the base's chat answers to `max` and `rev` that carry the slip
     sft_lr: float = 2e-4
-    plain_share: float = 0.3
-    noise_share: float = 0.15  # share of chat turns on the new puzzles, answered with random digits
-    sft_replay: float = 0.3  # share of SFT examples drawn from the pretraining corpus  # share of plain, correct equations in the base's pretraining
+    plain_share: float = 0.3  # share of plain, correct equations in the base's pretraining
+    noise_share: float = 0.15  # share of its chat turns on the new puzzles, answered with random digits
+    sft_replay: float = 0.3  # share of SFT examples drawn from the pretraining corpus
     heads: int = 4
     seed: int = 0
 
@@ -234,4 +234,4 @@ def _save(model, tok, path: Path) -> Path:
 
 
 def config_key(cfg: TrioConfig) -> dict:
-    return {"version": 4, **asdict(cfg)}  # 4: RLVR samples drawn by dots-merge's own seeded sampler
+    return {"version": 5, **asdict(cfg)}  # 5: the digit puzzles
