@@ -199,7 +199,7 @@ def markdown(report: dict[str, Any], push_plan: str) -> str:
         f"- Tuned DoTS − best parent: {100 * m['tuned_minus_best_parent']:+.1f} points; − best baseline (task "
         f"arithmetic, TIES, DARE): {100 * m['tuned_minus_best_baseline']:+.1f}.",
         f"- The pick: trial #{picked['trial']} of {len(report['trials'])} by the `{picked['rule']}` rule, "
-        f"coefficients {picked['params']}, {pct(picked['accuracy'])} % held out.",
+        f"coefficients {_rounded(picked['params'])}, {pct(picked['accuracy'])} % held out.",
         f"- The oracle (the trial best on held-out accuracy, which a label-free pick cannot know): trial "
         f"#{oracle['trial']}, {pct(oracle['accuracy'])} % ({'on' if oracle['on_front'] else 'off'} the front); the "
         f"pick is {100 * report['pick_below_oracle']:.1f} points below it.",
@@ -224,6 +224,10 @@ def markdown(report: dict[str, Any], push_plan: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _rounded(params: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.3g}" for name, value in params.items())
 
 
 def table(report: dict[str, Any]) -> str:
