@@ -48,7 +48,6 @@ def bench_trial(work: Path, trials: int) -> dict:
     from dots_merge.recipe.tune_section import Dimension, trial_recipe
     from dots_merge.tune.answers import answer_comparator, make_extractor
     from dots_merge.tune.candidate import ResidentCandidate
-    from dots_merge.tune.generation import load_tokenizer
     from dots_merge.tune.objectives import make_objectives, score
     from tests.toy_models import build_trio
 
@@ -74,7 +73,6 @@ def bench_trial(work: Path, trials: int) -> dict:
     cache = work / "tune-cache"
     shutil.rmtree(cache, ignore_errors=True)
     candidate = ResidentCandidate(recipe, checkpoints)
-    tokenizer = load_tokenizer(root / "base")
     space = [Dimension(str(root / "sft"), "weight", 0.5, 2.0), Dimension(str(root / "rlvr"), "weight", 0.5, 2.0)]
     queries = [f"{a} + {b} =" for a in range(4) for b in range(4)]
     extract, (_, equal) = make_extractor("auto"), answer_comparator("string")
@@ -83,7 +81,7 @@ def bench_trial(work: Path, trials: int) -> dict:
         lam = [1.0 + 0.1 * t, 1.0 - 0.05 * t]
         started = time.perf_counter()
         _, update = candidate.apply(trial_recipe(recipe, space, lam))
-        s = score(candidate.model, tokenizer, queries, objectives=make_objectives(), suffix="", extract=extract, equal=equal,
+        s = score(candidate.engine, queries, objectives=make_objectives(), suffix="", extract=extract, equal=equal,
                   generation=Generation(samples=7, temperature=0.6, max_new_tokens=64, batch_size=16), seed=0)  # fmt: skip
         total = time.perf_counter() - started
         rows.append(

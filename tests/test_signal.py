@@ -110,12 +110,14 @@ def test_truncated_samples_have_no_answer_and_are_reported(llama_trio, tmp_path)
     spec = parse_tune(recipe)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from dots_merge.tune.engines.hf import TransformersEngine
+
     model = AutoModelForCausalLM.from_pretrained(llama_trio["base"]).eval()
-    tok = AutoTokenizer.from_pretrained(llama_trio["base"])
+    engine = TransformersEngine(model, AutoTokenizer.from_pretrained(llama_trio["base"]))
     settings = dict(objectives=make_objectives(), suffix="", extract=make_extractor("auto"),
                     equal=answer_comparator("string")[1], seed=0)  # fmt: skip
-    cut = score(model, tok, QUERIES, generation=dataclasses.replace(spec.generation, max_new_tokens=1), **settings)
-    whole = score(model, tok, QUERIES, generation=dataclasses.replace(spec.generation, max_new_tokens=40), **settings)
+    cut = score(engine, QUERIES, generation=dataclasses.replace(spec.generation, max_new_tokens=1), **settings)
+    whole = score(engine, QUERIES, generation=dataclasses.replace(spec.generation, max_new_tokens=40), **settings)
     # with one token, every sample that did not stop at once is truncated: no answer, although it holds a digit
     assert cut.health["truncated"] > 0.5
     assert all(a is None for answers in cut.answers for a in answers)

@@ -102,6 +102,8 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
                    help="stop with an error where the samples make the label-free signal doubtful (truncation, no "
                         "answers, consistency within its sampling noise) instead of warning")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto (default: the first GPU, else the CPU), cpu, cuda or cuda:N")
+    p.add_argument("--engine", choices=("transformers", "vllm"),
+                   help="generation engine: transformers or vllm (default: tune.generation.engine; vllm needs the dots-merge[vllm] extra)")  # fmt: skip
     p.add_argument(
         "--resume", action="store_true", help="continue the run in RUN_DIR after a crash or with more trials"
     )
@@ -140,6 +142,7 @@ def _run_tune(args: argparse.Namespace) -> int:
         backend=args.backend,
         pick_rule=args.pick,
         device=args.device,
+        engine=args.engine,
         resume=args.resume,
         cache_budget=parse_size(args.cache_budget, where="--cache-budget") if args.cache_budget else None,
         keep_cache=args.keep_cache,
@@ -204,6 +207,8 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-budget", metavar="SIZE", help="most disk for spilled task vectors (as for tune)")
     p.add_argument("--out", metavar="RUN_DIR", default=".", help="where the run will write (for the free disk)")
     p.add_argument("--json", metavar="PATH", help="also write the plan as JSON")
+    p.add_argument("--engine", choices=("transformers", "vllm"),
+                   help="generation engine: transformers or vllm (default: tune.generation.engine; vllm needs the dots-merge[vllm] extra)")  # fmt: skip
     p.set_defaults(run=_run_plan)
 
 
@@ -215,6 +220,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     from dots_merge.merge.driver import as_recipe, inspect_models
     from dots_merge.recipe.tune_section import parse_tune
     from dots_merge.tune.plan import parse_size, plan_tune
+    from dots_merge.tune.run import with_engine
 
     sizes = {
         key: parse_size(value, where=f"--{key.replace('_', '-')}") if value else None
@@ -228,7 +234,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         raise DotsMergeError(f"--device {device}: use auto, cpu, cuda or cuda:N")
     if device == "cpu" and sizes["gpu_memory"] is not None:
         raise DotsMergeError("--gpu-memory: planning for --device cpu uses no GPU; drop it or pass --device cuda")
-    recipe = as_recipe(args.recipe)
+    recipe = with_engine(as_recipe(args.recipe), args.engine)
     spec = parse_tune(recipe)
     plan = plan_tune(recipe, spec, inspect_models(recipe), device=device, run_dir=Path(args.out), **sizes)
     print(plan.table())
@@ -258,6 +264,8 @@ def _add_queries(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-difficulty", type=float, default=0.8, help="drop prompts harder than this (default 0.8)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto", help="auto (default: the first GPU, else the CPU), cpu, cuda or cuda:N")
+    s.add_argument("--engine", choices=("transformers", "vllm"),
+                   help="generation engine: transformers or vllm (default: tune.generation.engine; vllm needs the dots-merge[vllm] extra)")  # fmt: skip
     s.add_argument("--quiet", action="store_true", help="no progress output")
     s.add_argument("--trust-remote-code", action="store_true", help="let transformers run model code from the Hub")
     s.set_defaults(run=_run_select)
@@ -275,6 +283,7 @@ def _run_select(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_difficulty=args.max_difficulty,
         device=args.device,
+        engine=args.engine,
         quiet=args.quiet,
         trust_remote_code=args.trust_remote_code,
     )

@@ -27,8 +27,22 @@ PARAMS = {"weight": 1.0, "density": 0.3}  # searchable parameters and their defa
 DEFAULT_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
 _TUNE_KEYS = {"queries", "trials", "seed", "backend", "pick", "generation", "prompt_suffix", "answer", "compare",
               "space", "initial", "objectives", "perplexity", "validation"}  # fmt: skip
-_GENERATION_KEYS = {"samples", "temperature", "top_p", "max_new_tokens", "batch_size"}
+_GENERATION_KEYS = {"samples", "temperature", "top_p", "max_new_tokens", "batch_size", "engine", "vllm"}
+ENGINES = ("transformers", "vllm")
 _SPACE_KEYS = {"model", "param", "low", "high", "filter"}
+
+
+@dataclass(frozen=True)
+class VllmOptions:
+    """`tune.generation.vllm`: settings of the vLLM engine (None: chosen from the plan, or vLLM's default)."""
+
+    gpu_memory_utilization: float | None = None  # share of the GPU's memory vLLM takes (weights + KV cache)
+    max_model_len: int | None = None  # longest prompt + completion (default: the longest query + max_new_tokens)
+    max_num_seqs: int | None = None  # sequences decoded at once (default: batch_size × samples)
+    tensor_parallel_size: int = 1
+    enforce_eager: bool | None = None  # default: eager on the CPU, CUDA graphs on a GPU
+    cpu_kvcache_space: int | None = None  # GiB of KV cache on the CPU (VLLM_CPU_KVCACHE_SPACE; default: planned)
+    cpu_threads: int | None = None  # OpenMP threads on the CPU (default: torch's)
 
 
 @dataclass(frozen=True)
@@ -40,6 +54,8 @@ class Generation:
     top_p: float = 1.0
     max_new_tokens: int = 1024
     batch_size: int | str = "auto"  # queries per batch; auto: as many as the plan's generation share holds
+    engine: str = "transformers"  # transformers | vllm
+    vllm: VllmOptions = field(default_factory=VllmOptions)
 
 
 @dataclass(frozen=True)
@@ -268,7 +284,12 @@ def _generation(src: str, raw: Any) -> Generation:
     unknown = sorted(set(raw) - _GENERATION_KEYS)
     if unknown:
         _fail(src, f"tune.generation.{unknown[0]}", f"unknown key (known: {', '.join(sorted(_GENERATION_KEYS))})")
-    g = Generation(**raw)
+    engine = raw.get("engine", "transformers")
+    if engine not in ENGINES:
+        _fail(src, "tune.generation.engine", f"must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if raw.get("vllm") is not None and engine != "vllm":
+        _fail(src, "tune.generation.vllm", "options of the vllm engine: set tune.generation.engine: vllm")
+    g = Generation(**{**raw, "engine": engine, "vllm": _vllm_options(src, raw.get("vllm") or {})})
     for key in ("samples", "max_new_tokens", "batch_size"):
         if key == "batch_size" and g.batch_size == "auto":
             continue
@@ -282,6 +303,34 @@ def _generation(src: str, raw: Any) -> Generation:
     if not 0 < _number(src, "tune.generation.top_p", g.top_p) <= 1:
         _fail(src, "tune.generation.top_p", "must be in (0, 1]")
     return g
+
+
+_VLLM_TYPES = {"gpu_memory_utilization": float, "max_model_len": int, "max_num_seqs": int,
+               "tensor_parallel_size": int, "enforce_eager": bool, "cpu_kvcache_space": int, "cpu_threads": int}
+
+
+def _vllm_options(src: str, raw: Any) -> VllmOptions:
+    """`tune.generation.vllm`, key by key."""
+    if not isinstance(raw, dict):
+        _fail(src, "tune.generation.vllm", "must be a mapping")
+    unknown = sorted(set(raw) - set(_VLLM_TYPES))
+    if unknown:
+        _fail(src, f"tune.generation.vllm.{unknown[0]}", f"unknown key (known: {', '.join(sorted(_VLLM_TYPES))})")
+    for key, value in raw.items():
+        where = f"tune.generation.vllm.{key}"
+        if _VLLM_TYPES[key] is bool:
+            if not isinstance(value, bool):
+                _fail(src, where, f"must be true or false, got {value!r}")
+            continue
+        number = _number(src, where, value, integer=_VLLM_TYPES[key] is int)
+        if key == "gpu_memory_utilization" and not 0 < number <= 1:
+            _fail(src, where, f"must be in (0, 1], got {value}")
+        if number < 1 and key != "gpu_memory_utilization":
+            _fail(src, where, f"must be at least 1, got {value}")
+    if raw.get("tensor_parallel_size", 1) != 1:
+        _fail(src, "tune.generation.vllm.tensor_parallel_size",
+              "only 1 is supported: each trial's weights go into the engine in this process")  # fmt: skip
+    return VllmOptions(**raw)
 
 
 def _space(recipe: Recipe, raw: Any) -> list[Dimension]:

@@ -1,8 +1,9 @@
-"""The resident candidate: the base model loaded once; each trial writes its merged weights into it.
+"""The resident candidate: the base model loaded once in a generation engine; each trial writes its merged weights
+into it.
 
 `apply(recipe)` runs, tensor by tensor, the very mergekit plan the merge runs (same plan, same cast) and, for
 `dots`, the merge's own λ-sum (`dots_merge.core.combine`) over S(τ) from the compact vector store; it copies the
-result into the model's parameter. The weights a trial evaluates are bit for bit those `dots-merge merge` writes
+result into the engine's weights (`Engine.write`: a transformers model's parameters, or vLLM's in place). The weights a trial evaluates are bit for bit those `dots-merge merge` writes
 for that recipe — the global rescale factors included, summed from the store's per-tensor norms as the merge's
 pre-pass sums them — computed from the clean base every time (no add/subtract drift) and never written to disk.
 Other mergekit methods run their own task per tensor.
@@ -16,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 from mergekit.common import dtype_from_name
@@ -25,18 +27,18 @@ from mergekit.options import MergeOptions
 from dots_merge.checkpoints import Checkpoint
 from dots_merge.core import METHOD_NAME, NonFiniteTaskVector, Term, combine, norm_ratio, rescale_factor
 from dots_merge.errors import DotsMergeError
-from dots_merge.faults import fault_point
 from dots_merge.merge import mergekit_compat
 from dots_merge.merge.driver import needs_prepass, output_dtype, plan_tasks, with_factors, with_output_dtype
 from dots_merge.merge.method import nonfinite_error, rescale_factor_for
 from dots_merge.recipe import Recipe
+from dots_merge.recipe.tune_section import Generation
 from dots_merge.tune.vectors import StoredVector, VectorStore
 
 LOG = logging.getLogger(__name__)
 
 
 class ResidentCandidate:
-    """A transformers model holding the weights of the last applied recipe.
+    """A generation engine (`tune.generation.engine`) holding the weights of the last applied recipe.
 
     `ceiling` is the recipe at the largest densities the run can ask (the top of each searched range): the
     store keeps each S(τ) at that density once and takes every lower one from it. With `base_on_device`, the
@@ -52,10 +54,14 @@ class ResidentCandidate:
         vectors: VectorStore | None = None,
         ceiling: Recipe | None = None,
         base_on_device: bool = False,
+        generation: Generation | None = None,
+        tokenizer=None,
+        settings: Mapping[str, Any] | None = None,
         quiet: bool = True,
         trust_remote_code: bool = False,
     ):
-        from transformers import AutoModelForCausalLM
+        from dots_merge.tune.engines import make_engine
+        from dots_merge.tune.generation import load_tokenizer
 
         if recipe.data.get("tokenizer") or recipe.data.get("tokenizer_source"):
             raise DotsMergeError(
@@ -68,13 +74,10 @@ class ResidentCandidate:
         self.device = torch.device(device)
         base = next(iter(checkpoints.values()))
         self.dtype = dtype_from_name(output_dtype(recipe, checkpoints))
-        placement = {} if self.device.type == "cpu" else {"device_map": str(self.device)}  # tensor by tensor
-        self.model = AutoModelForCausalLM.from_pretrained(
-            str(base.path), dtype=self.dtype, trust_remote_code=trust_remote_code, **placement
-        )
-        self.model.eval()
-        fault_point("load")
-        self.state = self.model.state_dict(keep_vars=True)
+        if tokenizer is None and base.has_tokenizer:
+            tokenizer = load_tokenizer(base.path, trust_remote_code=trust_remote_code)
+        self.engine = make_engine(base.path, tokenizer, generation or Generation(), dtype=self.dtype,
+                                  device=self.device, settings=settings, trust_remote_code=trust_remote_code)  # fmt: skip
         self.vectors = VectorStore(self.device) if vectors is None else vectors
         self._ceilings = self._densities(ceiling) if ceiling is not None else {}
         self._base_on_device = base_on_device and self.device.type != "cpu"
@@ -84,36 +87,28 @@ class ResidentCandidate:
         self._load_lock = threading.Lock()
         mergekit_compat.reset_loaders(self.options)
 
+    @property
+    def model(self):
+        """The transformers model holding the candidate (engine transformers only)."""
+        model = getattr(self.engine, "model", None)
+        if model is None:
+            raise DotsMergeError(f"engine {self.engine.name} holds no transformers model")
+        return model
+
     def apply(self, recipe: Recipe) -> tuple[Recipe, float]:
         """Write `recipe`'s merged weights into the model; returns the recipe actually used and seconds."""
         started = time.perf_counter()
         used = with_output_dtype(recipe, self.checkpoints)
         config, _, _, targets = plan_tasks(used, self.options)
-        missing = [w.name for w in targets.values() if w.name not in self.state]
-        if missing:
-            raise DotsMergeError(f"the model class loaded for the base has no parameter {missing[0]!r}")
+        self.engine.check_names([w.name for w in targets.values()])
         self.vectors.begin_trial()
         builds = self.vectors.builds
-        factors = None
         with torch.no_grad():
+            factors = None
             if needs_prepass(used):  # the factors go to the arithmetic directly: no second plan
                 factors = self._global_factors(targets, config.dtype)
                 used = with_factors(used, factors)
-            for task, weight in targets.items():
-                if used.method == METHOD_NAME:
-                    result = self._dots_tensor(task, weight.name, config.dtype, factors)
-                else:
-                    inputs = {
-                        model: self._input(model, info, config.dtype)
-                        for model, info in task.gather_tensors.weight_info.items()
-                    }
-                    result = task.execute(tensors={m: t for m, t in inputs.items() if t is not None})
-                if result is None:
-                    continue
-                out_dtype = dtype_from_name(weight.force_dtype or config.out_dtype)
-                if out_dtype is not None and result.is_floating_point() and out_dtype != self.state[weight.name].dtype:
-                    result = result.to(out_dtype)
-                self.state[weight.name].data.copy_(result)  # the cast to the parameter's dtype happens here
+            self.engine.write(self._merged(used, config, targets, factors))
         if self.vectors.builds != builds:  # unmap the fine-tunes' checkpoints: the store holds what it needs
             mergekit_compat.reset_loaders(self.options)
             if self._applied and not self._warned:
@@ -126,6 +121,21 @@ class ResidentCandidate:
             torch.cuda.synchronize(self.device)
             self._out = None  # the allocator keeps the block for generation to reuse
         return used, time.perf_counter() - started
+
+    def _merged(self, used: Recipe, config, targets, factors) -> Iterator[tuple[str, torch.Tensor, torch.dtype | None]]:
+        """Each target tensor of `used`, tensor by tensor: (name, merged tensor, the dtype the merge writes it in).
+        The tensor may be a reused buffer, valid until the next one is asked for."""
+        for task, weight in targets.items():
+            if used.method == METHOD_NAME:
+                result = self._dots_tensor(task, weight.name, config.dtype, factors)
+            else:
+                inputs = {
+                    model: self._input(model, info, config.dtype)
+                    for model, info in task.gather_tensors.weight_info.items()
+                }
+                result = task.execute(tensors={m: t for m, t in inputs.items() if t is not None})
+            if result is not None:
+                yield weight.name, result, dtype_from_name(weight.force_dtype or config.out_dtype)
 
     def _global_factors(self, targets, dtype: str | None) -> dict[str, float]:
         """f_i = ‖τ_i‖/‖S(τ_i)‖ over the whole model, from the store's per-tensor squared norms, summed exactly
@@ -263,5 +273,8 @@ class ResidentCandidate:
         ).execute()
 
     def close(self, *, keep_spill: bool = False) -> None:
-        """Release the vector store (and, unless `keep_spill`, its spill folder)."""
-        self.vectors.close(remove=not keep_spill)
+        """Release the engine and the vector store (and, unless `keep_spill`, its spill folder)."""
+        try:
+            self.engine.close()
+        finally:
+            self.vectors.close(remove=not keep_spill)

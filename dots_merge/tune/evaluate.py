@@ -59,8 +59,9 @@ class TrialEvaluator:
                               spill_budget=settings.get("cache_budget_bytes"), salt=salt)  # fmt: skip
         self.candidate = ResidentCandidate(recipe, checkpoints, device=device, vectors=vectors,
                                            ceiling=ceiling_recipe(recipe, spec) if spec.space else None,
-                                           base_on_device=settings.get("base") == "gpu", quiet=quiet,
-                                           trust_remote_code=trust_remote_code)  # fmt: skip
+                                           base_on_device=settings.get("base") == "gpu",
+                                           generation=spec.generation, tokenizer=self.tokenizer, settings=settings,
+                                           quiet=quiet, trust_remote_code=trust_remote_code)  # fmt: skip
 
     def write_recipe(self, trial: Trial) -> Recipe:
         """The recipe of the trial's point, written to trials/NNNN.yml before its weights are applied."""
@@ -74,8 +75,7 @@ class TrialEvaluator:
         spec = self.spec
         _, update_seconds = self.candidate.apply(recipe)
         scores = score(
-            self.candidate.model,
-            self.tokenizer,
+            self.candidate.engine,
             spec.queries,
             objectives=self.objectives,
             suffix=spec.prompt_suffix,
@@ -98,7 +98,7 @@ class TrialEvaluator:
             "health": scores.health,
             "answers": scores.answers,
             "comparator": self.comparator,
-            "engine": "transformers",
+            "engine": self.candidate.engine.name,
             "seconds": {
                 "update": update_seconds,
                 "generation": scores.seconds_generation,

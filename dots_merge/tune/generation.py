@@ -212,13 +212,15 @@ def generate(
     batch_size: int = 8,
     self_certainty: bool = False,
     quiet: bool = True,
+    ignore_eos: bool = False,
 ) -> list[list[Completion]]:
     """`samples` completions per prompt, `batch_size` prompts at a time (temperature 0: greedy).
 
-    A prompt's samples come from its own generator (`query_seed`), so they do not depend on the batch."""
+    A prompt's samples come from its own generator (`query_seed`), so they do not depend on the batch.
+    `ignore_eos` (benchmarks): every sample runs to `max_new_tokens`."""
     device = next(model.parameters()).device
     pad = _pad_id(tokenizer)
-    stops = torch.tensor(sorted(eos_ids(model, tokenizer)) or [-1], device=device)
+    stops = torch.tensor([-1] if ignore_eos else sorted(eos_ids(model, tokenizer)) or [-1], device=device)
     cache = _cache_name(model)
     out: list[list[Completion]] = []
     progress = tqdm.tqdm(total=len(prompts) * samples, desc="Generating", unit="sample", leave=False,

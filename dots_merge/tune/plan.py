@@ -24,6 +24,7 @@ from typing import Any
 from dots_merge.checkpoints import Checkpoint
 from dots_merge.errors import DotsMergeError
 from dots_merge.recipe import Recipe, TuneSpec, trial_recipe
+from dots_merge.recipe.tune_section import Generation
 
 GIB = 1 << 30
 DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
@@ -34,6 +35,7 @@ RUNTIME_CUDA_HOST = int(2.5 * GIB)  # the same plus the CUDA libraries' host mem
 CUDA_CONTEXT = int(0.6 * GIB)  # CUDA context and kernels on the GPU
 GPU_MARGIN = 0.06  # of the GPU: allocator fragmentation
 HOST_MARGIN = 0.10  # of host RAM left free: the OS, page cache for the checkpoints being read
+VLLM_OVERHEAD = int(0.5 * GIB)  # vLLM's libraries, its sampler and activation buffers, beyond weights and KV cache
 RECORD_BYTES = 64 << 10  # a trial's record, recipe and log lines on disk
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgtp]?)(i?)b?\s*$", re.IGNORECASE)
 
@@ -220,6 +222,28 @@ def generation_bytes(shape: Shape, *, sequences: int, prompt: int, new_tokens: i
     return kv + sampling + prefill
 
 
+def vllm_settings(shape: Shape, g: Generation, *, prompt_tokens: int, queries: int, act_bytes: int, share: int,
+                  gpu_total: int | None) -> dict[str, Any]:  # fmt: skip
+    """The vLLM engine's sizes: the longest sequence, how many are decoded at once (every sample of every query
+    when the KV cache for them fits the generation share), its KV cache, and what vLLM is told: on the CPU the
+    KV cache in whole GiB (VLLM_CPU_KVCACHE_SPACE), on a GPU its share of the GPU's memory (weights included)."""
+    options = g.vllm
+    length = options.max_model_len or prompt_tokens + g.max_new_tokens
+    per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * act_bytes
+    fit = max(1, share // max(per_token * length, 1))
+    sequences = options.max_num_seqs or max(1, min(queries * g.samples, fit))
+    kv = per_token * length * sequences
+    out: dict[str, Any] = {"max_model_len": length, "max_num_seqs": sequences}
+    if gpu_total is None:
+        gib = options.cpu_kvcache_space or max(1, -(-int(kv * 1.1) // GIB))
+        out.update(kv_cache_gib=gib, kv_bytes=gib * GIB)
+    else:
+        need = shape.model_bytes + kv + VLLM_OVERHEAD
+        out.update(kv_bytes=kv, gpu_memory_utilization=options.gpu_memory_utilization
+                   or round(min(0.95, need / max(gpu_total, 1) + 0.01), 3))  # fmt: skip
+    return out
+
+
 def perplexity_bytes(shape: Shape, *, prompts: int, prompt: int, act_bytes: int) -> int:
     """The NLL pass over a batch of prompts: full logits in the model dtype and in float32 (log-softmax)."""
     return prompts * prompt * shape.vocab * (act_bytes + 8) + prompts * prompt * 3 * shape.intermediate * act_bytes
@@ -292,7 +316,16 @@ def make_plan(
                            act_bytes=out_bytes)  # fmt: skip
     nll = perplexity_bytes(shape, prompts=batch, prompt=prompt_tokens, act_bytes=out_bytes)
     sampling_note = f"{batch} queries × {g.samples} samples × ({prompt_tokens} + {g.max_new_tokens}) tokens"
-    parts.append(Part("generation (KV cache, logits)", dev, max(gen, nll), sampling_note, "generation"))
+    engine: dict[str, Any] = {"engine": g.engine}
+    if g.engine == "vllm":
+        engine.update(vllm_settings(shape, g, prompt_tokens=prompt_tokens, queries=len(spec.queries),
+                                    act_bytes=out_bytes, share=share, gpu_total=available["gpu"]))  # fmt: skip
+        gen = engine.pop("kv_bytes")
+        parts.append(Part("vLLM KV cache", dev, gen, f"{engine['max_num_seqs']} sequences × "
+                          f"{engine['max_model_len']} tokens" + ("" if gpu else " (VLLM_CPU_KVCACHE_SPACE)")))  # fmt: skip
+        parts.append(Part("vLLM runtime and activations", dev, VLLM_OVERHEAD, "measured on CPU; planned on GPU"))
+    else:
+        parts.append(Part("generation (KV cache, logits)", dev, max(gen, nll), sampling_note, "generation"))
 
     # the base: on the GPU when it fits there besides everything else, else read from the mapped checkpoint
     base_where = "host (memory-mapped checkpoint)"
@@ -337,6 +370,7 @@ def make_plan(
         "generation_share_bytes": share,
         "per_trial_read_bytes": moved,
         "per_trial_written_bytes": shape.model_bytes,
+        **engine,
     }
     plan = Plan(device=device, parts=parts, available=available, settings=settings)
     plan.reason = _reason(plan, shape, gen, batch, g.samples, spill, spill_budget, cache_budget)

@@ -54,6 +54,7 @@ def select_queries(
     seed: int = 0,
     max_difficulty: float = 0.8,
     device: str = "auto",
+    engine: str | None = None,
     quiet: bool = True,
     trust_remote_code: bool = False,
 ) -> list[dict[str, Any]]:
@@ -63,6 +64,7 @@ def select_queries(
     from dots_merge.recipe import model_entries, model_name
     from dots_merge.recipe.tune_section import (
         DEFAULT_SUFFIX,
+        ENGINES,
         Dimension,
         Generation,
         parse_tune,
@@ -85,6 +87,10 @@ def select_queries(
         raise DotsMergeError(f"{pool}: {len(prompts)} prompts, fewer than --n {n}")
     spec = parse_tune(recipe, load_queries=False) if recipe.tune else None
     generation = spec.generation if spec else Generation()
+    if engine is not None:
+        if engine not in ENGINES:
+            raise DotsMergeError(f"--engine: must be one of {', '.join(ENGINES)}, got {engine!r}")
+        generation = dataclasses.replace(generation, engine=engine)
     device = resolve_device(device)
     checkpoints = inspect_models(recipe)
     require_tokenizer(next(iter(checkpoints.values())))
@@ -92,38 +98,43 @@ def select_queries(
     finetunes = [m for m in dict.fromkeys(model_name(e["model"]) for e in model_entries(recipe.data)) if m != base]
     tokenizer = load_tokenizer(next(iter(checkpoints.values())).path, trust_remote_code=trust_remote_code)
     suffix = spec.prompt_suffix if spec else DEFAULT_SUFFIX
+    longest = longest_prompt(tokenizer, prompts_of(prompts, suffix))
     if generation.batch_size == "auto":
         batch = batch_for(recipe, checkpoints, samples=samples, max_new_tokens=generation.max_new_tokens,
-                          prompt_tokens=longest_prompt(tokenizer, prompts_of(prompts, suffix)), queries=len(prompts),
-                          device=device)  # fmt: skip
+                          prompt_tokens=longest, queries=len(prompts), device=device)  # fmt: skip
         generation = dataclasses.replace(generation, batch_size=batch)
-    candidate = ResidentCandidate(recipe, checkpoints, device=device, quiet=quiet, trust_remote_code=trust_remote_code)
+    candidate = ResidentCandidate(recipe, checkpoints, device=device, generation=generation, tokenizer=tokenizer,
+                                  settings={"max_model_len": longest + generation.max_new_tokens,
+                                            "max_num_seqs": int(generation.batch_size) * samples},
+                                  quiet=quiet, trust_remote_code=trust_remote_code)  # fmt: skip
     extract = make_extractor(spec.answer if spec else "auto")
     _, equal = answer_comparator(spec.compare if spec else "auto")
     space = [Dimension(m, "weight", 0.0, 1.0) for m in finetunes]
     per_model: dict[str, list[float]] = {}
     progress = tqdm.tqdm(total=len(prompts) * len(finetunes), desc="Scoring the pool", unit="prompt",
                          disable=True if quiet else None)  # fmt: skip
-    for model in finetunes:
-        progress.set_postfix_str(Path(model).name or model)
-        alone = trial_recipe(recipe, space, [1.0 if m == model else 0.0 for m in finetunes])
-        candidate.apply(alone)
-        scores = score(
-            candidate.model,
-            tokenizer,
-            prompts,
-            objectives=make_objectives(["consistency"]),
-            suffix=suffix,
-            extract=extract,
-            equal=equal,
-            generation=dataclasses.replace(generation, samples=samples),
-            seed=seed,
-            quiet=quiet,
-        )
-        per_model[model] = scores.per_query["per_query_consistency"]
-        for warning in health_warnings(scores.health, generation.max_new_tokens):
-            LOG.warning("scoring the pool with %s: %s", Path(model).name or model, warning)
-        progress.update(len(prompts))
+    try:
+        for model in finetunes:
+            progress.set_postfix_str(Path(model).name or model)
+            alone = trial_recipe(recipe, space, [1.0 if m == model else 0.0 for m in finetunes])
+            candidate.apply(alone)
+            scores = score(
+                candidate.engine,
+                prompts,
+                objectives=make_objectives(["consistency"]),
+                suffix=suffix,
+                extract=extract,
+                equal=equal,
+                generation=dataclasses.replace(generation, samples=samples),
+                seed=seed,
+                quiet=quiet,
+            )
+            per_model[model] = scores.per_query["per_query_consistency"]
+            for warning in health_warnings(scores.health, generation.max_new_tokens):
+                LOG.warning("scoring the pool with %s: %s", Path(model).name or model, warning)
+            progress.update(len(prompts))
+    finally:
+        candidate.close()
     progress.close()
     difficulty = [1.0 - sum(per_model[m][i] for m in finetunes) / len(finetunes) for i in range(len(prompts))]
     rows = [

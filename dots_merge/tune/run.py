@@ -79,6 +79,11 @@ def check_objectives(spec, source: str) -> list[Objective]:
     except ValueError as error:
         raise RecipeError(f"{source}: tune.objectives: {error}") from None
     by_name = {o.name: o for o in objectives}
+    if spec.generation.engine == "vllm":
+        needs = [o.name for o in objectives if o.needs_certainty]
+        if needs:
+            raise RecipeError(f"{source}: tune.objectives: {needs[0]} needs the full next-token distribution, which "
+                              "engine vllm does not return; use engine transformers")  # fmt: skip
     if spec.pick[:4] in ("max_", "min_") and spec.pick[4:] in by_name:
         wanted = "maximize" if spec.pick.startswith("max_") else "minimize"
         if by_name[spec.pick[4:]].direction != wanted:
@@ -134,6 +139,7 @@ def tune(
     backend: str | None = None,
     pick_rule: str | None = None,
     device: str = "auto",
+    engine: str | None = None,
     resume: bool = False,
     cache_budget: int | None = None,
     keep_cache: bool = False,
@@ -160,7 +166,7 @@ def tune(
     from dots_merge.recipe.tune_section import BACKENDS, check_pick, parse_tune
 
     started = time.perf_counter()
-    recipe = as_recipe(recipe)
+    recipe = with_engine(as_recipe(recipe), engine)
     spec = parse_tune(recipe)
     if trials is not None:
         if trials < 1:
@@ -196,7 +202,7 @@ def tune(
                           trust_remote_code=trust_remote_code)  # fmt: skip
     hint = _resume_command(recipe, run_dir, trials=trials, seed=seed, backend=backend, pick_rule=pick_rule,
                            storage=storage, study=study, worker=worker, strict=strict, device=device,
-                           cache_budget=cache_budget, keep_cache=keep_cache)  # fmt: skip
+                           cache_budget=cache_budget, keep_cache=keep_cache, engine=engine)  # fmt: skip
     with _sigterm_as_interrupt():
         evaluator = _Evaluator(recipe, spec, checkpoints, run_dir, device=device, quiet=quiet, plan=plan,
                                keep_cache=keep_cache, trust_remote_code=trust_remote_code)  # fmt: skip
@@ -283,7 +289,7 @@ class _Evaluator:
 
 
 def _resume_command(recipe, run_dir: Path, *, trials, seed, backend, pick_rule, storage, study, worker,
-                    strict=False, device=None, cache_budget=None, keep_cache=False) -> str:  # fmt: skip
+                    strict=False, device=None, cache_budget=None, keep_cache=False, engine=None) -> str:  # fmt: skip
     """The command that continues this run with the options it was given (the storage URL without its password)."""
     from dots_merge.tune.stores.optuna_rdb import redact
 
@@ -296,10 +302,29 @@ def _resume_command(recipe, run_dir: Path, *, trials, seed, backend, pick_rule, 
     words += ["--study", study] if study else []
     words += ["--strict"] if strict else []
     words += ["--device", device] if device and device != "cpu" else []
+    words += ["--engine", engine] if engine else []
     words += ["--cache-budget", str(cache_budget)] if cache_budget is not None else []
     words += ["--keep-cache"] if keep_cache else []
     words += ["--worker"] if worker else ["--resume"]
     return shlex.join(words)
+
+
+def with_engine(recipe, engine: str | None):
+    """The recipe with `--engine` written into tune.generation.engine (so that the run's identity names it);
+    unchanged when the option is not given or says what the recipe already uses."""
+    from dots_merge.recipe.tune_section import ENGINES
+
+    if engine is None:
+        return recipe
+    if engine not in ENGINES:
+        raise RecipeError(f"--engine: must be one of {', '.join(ENGINES)}, got {engine!r}")
+    tune_data = recipe.tune if isinstance(recipe.tune, dict) else None
+    generation = (tune_data or {}).get("generation") or {}
+    if tune_data is None or generation.get("engine", "transformers") == engine:
+        return recipe
+    recipe = recipe.copy()
+    recipe.data["tune"]["generation"] = {**generation, "engine": engine}
+    return recipe
 
 
 def release_memory() -> None:
@@ -510,7 +535,7 @@ def _validate(spec, objectives, records, run_dir: Path, evaluator: _Evaluator, *
         trial_evaluator = evaluator.get(log)
         for number in missing:
             trial_evaluator.candidate.apply(load_recipe(trial_path(run_dir, number)))
-            scored[number] = accuracy(trial_evaluator.candidate.model, trial_evaluator.tokenizer, spec.validation, spec,
+            scored[number] = accuracy(trial_evaluator.candidate.engine, spec.validation, spec,
                                       extract=trial_evaluator.extract, equal=trial_evaluator.equal, quiet=quiet)  # fmt: skip
             save_scored(run_dir, spec.validation, scored)
             log.phase(f"validation: trial #{number} majority {scored[number]['majority']:.3f} "

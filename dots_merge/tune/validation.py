@@ -16,7 +16,6 @@ from typing import Any
 from dots_merge.fileio import write_atomic
 from dots_merge.recipe.tune_section import TuneSpec, ValidationSet
 from dots_merge.tune.answers import majority_answer, normalize_answer
-from dots_merge.tune.generation import generate
 from dots_merge.tune.objectives import prompts_of
 
 VALIDATION_FILE = "validation.json"
@@ -51,8 +50,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
 
 
 def accuracy(
-    model,
-    tokenizer,
+    engine,
     validation: ValidationSet,
     spec: TuneSpec,
     *,
@@ -65,9 +63,9 @@ def accuracy(
     g = spec.generation
     prompts = prompts_of(validation.prompts, spec.prompt_suffix)
     settings = dict(max_new_tokens=g.max_new_tokens, seed=spec.seed, batch_size=g.batch_size, quiet=quiet)
-    sampled = generate(model, tokenizer, prompts, samples=g.samples, temperature=g.temperature, top_p=g.top_p,
+    sampled = engine.generate(prompts, samples=g.samples, temperature=g.temperature, top_p=g.top_p,
                        **settings)  # fmt: skip
-    greedy = generate(model, tokenizer, prompts, samples=1, temperature=0.0, top_p=1.0, **settings)
+    greedy = engine.generate(prompts, samples=1, temperature=0.0, top_p=1.0, **settings)
 
     def right(answer: str | None, label: str) -> bool:
         got, wanted = normalize_answer(answer), normalize_answer(label)

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from dots_merge.recipe.tune_section import Generation
-from dots_merge.tune.generation import generate, query_nll
 from dots_merge.tune.objectives.base import Evidence, Objective
 from dots_merge.tune.objectives.health import sample_health
 
@@ -33,8 +32,7 @@ def prompts_of(queries: Sequence[str], suffix: str) -> list[str]:
 
 
 def score(
-    model,
-    tokenizer,
+    engine,
     queries: Sequence[str],
     *,
     objectives: Sequence[Objective],
@@ -46,12 +44,11 @@ def score(
     perplexity_over: str = "query",
     quiet: bool = True,
 ) -> Scores:
-    """The objectives of the model on `queries` (prompt = query + suffix; perplexity over the bare queries)."""
+    """The objectives of the model `engine` holds on `queries` (prompt = query + suffix; perplexity over the bare
+    queries)."""
     started = time.perf_counter()
     g = generation
-    completions = generate(
-        model,
-        tokenizer,
+    completions = engine.generate(
         prompts_of(queries, suffix),
         samples=g.samples,
         temperature=g.temperature,
@@ -65,7 +62,7 @@ def score(
     answers = [[extract(c.text) if c.finished else None for c in group] for group in completions]
     generated = time.perf_counter()
     nll = (
-        query_nll(model, tokenizer, queries, batch_size=g.batch_size, over=perplexity_over)
+        engine.query_nll(queries, batch_size=g.batch_size, over=perplexity_over)
         if any(o.needs_nll for o in objectives)
         else []
     )

