@@ -318,8 +318,11 @@ def make_plan(
     sampling_note = f"{batch} queries × {g.samples} samples × ({prompt_tokens} + {g.max_new_tokens}) tokens"
     engine: dict[str, Any] = {"engine": g.engine}
     if g.engine == "vllm":
+        # vLLM's KV cache stays allocated through the update: the update's peak comes out of its share
+        update_peak = sum(p.bytes for p in parts if p.where == dev and p.phase == "update")
         engine.update(vllm_settings(shape, g, prompt_tokens=prompt_tokens, queries=len(spec.queries),
-                                    act_bytes=out_bytes, share=share, gpu_total=available["gpu"]))  # fmt: skip
+                                    act_bytes=out_bytes, share=share - update_peak - VLLM_OVERHEAD,
+                                    gpu_total=available["gpu"]))  # fmt: skip
         gen = engine.pop("kv_bytes")
         parts.append(Part("vLLM KV cache", dev, gen, f"{engine['max_num_seqs']} sequences × "
                           f"{engine['max_model_len']} tokens" + ("" if gpu else " (VLLM_CPU_KVCACHE_SPACE)")))  # fmt: skip

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.util
 import logging
 import math
 import os
@@ -91,11 +92,16 @@ class VllmEngine(Engine):
         threads = max(torch.get_num_threads(), 1)
         env = engine_environment(options, cpu=device.type == "cpu", kv_cache_gib=kv_cache_gib, threads=threads,
                                  cache_root=cache_root)  # fmt: skip
-        os.environ.update(env)
+        if importlib.util.find_spec("vllm") is None:
+            raise DotsMergeError(MISSING)
         self.environment = env
+        self._saved = {key: os.environ.get(key) for key in env}  # put back by close()
+        os.environ.update(env)
+        self.llm = None
         try:
             from vllm import LLM
         except ImportError as error:
+            self.close()
             raise DotsMergeError(f"{MISSING} ({error})") from None
         args = {
             "model": str(model_dir),
@@ -118,6 +124,7 @@ class VllmEngine(Engine):
         try:
             self.llm = LLM(**args)
         except Exception as error:  # vLLM's startup errors come in many types
+            self.close()
             raise start_error(error, model_dir, env) from None
         finally:
             _restore_rng(states)
@@ -196,17 +203,22 @@ class VllmEngine(Engine):
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
-        if llm is None:
-            return
-        with contextlib.suppress(Exception):
-            llm.llm_engine.engine_core.shutdown()
-        with contextlib.suppress(Exception):
-            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+        if llm is not None:
+            with contextlib.suppress(Exception):
+                llm.llm_engine.engine_core.shutdown()
+            with contextlib.suppress(Exception):
+                from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
 
-            destroy_model_parallel()
-            destroy_distributed_environment()
-        del llm
-        gc.collect()
+                destroy_model_parallel()
+                destroy_distributed_environment()
+            del llm
+            gc.collect()
+        for key, value in getattr(self, "_saved", {}).items():  # the process's environment as it was
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._saved = {}
 
 
 def start_error(error: BaseException, model_dir, env: Mapping[str, str]) -> DotsMergeError:
