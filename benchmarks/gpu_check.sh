@@ -9,6 +9,7 @@
 #   1. dots-merge plan --device cuda --json            the planned GPU / host / disk figures;
 #   2. dots-merge merge --device cuda                  timed, peak GPU memory by nvidia-smi sampling;
 #   3. dots-merge tune --device cuda, 6 trials          both densities searched, 4 queries × 4 samples × 64 tokens;
+#   4. with vLLM installed: the same tune with --engine vllm, and benchmarks/engine_bench.py --device cuda (bf16);
 # and writes planned vs measured. Exit status ≠ 0 when a step fails or the measured peak exceeds the plan.
 set -euo pipefail
 WORK=${1:-/tmp/gpu_check}
@@ -55,6 +56,15 @@ rm -rf "$WORK/run"
 sample_gpu tune /usr/bin/time -v -o "$WORK/tune.time" $PY -m dots_merge.cli.main tune "$WORK/recipe.yml" \
   --out "$WORK/run" --device cuda --quiet
 
+if $PY -c "import vllm" 2>/dev/null; then
+  rm -rf "$WORK/run-vllm"
+  $PY -m dots_merge.cli.main plan "$WORK/recipe.yml" --device cuda --engine vllm --out "$WORK/run-vllm" \
+    --json "$WORK/plan-vllm.json"
+  sample_gpu tune-vllm /usr/bin/time -v -o "$WORK/tune-vllm.time" $PY -m dots_merge.cli.main tune "$WORK/recipe.yml" \
+    --out "$WORK/run-vllm" --device cuda --engine vllm --no-merge --quiet
+  $PY benchmarks/engine_bench.py --work "$WORK" --device cuda --dtypes bfloat16 --trials 2 | tee "$WORK/engine_bench.txt"
+fi
+
 $PY - "$WORK" <<'EOF'
 import json, re, sys
 from pathlib import Path
@@ -69,6 +79,12 @@ out = {"planned_gpu": plan["gpu"]["needed"], "planned_host": plan["host"]["neede
        "tune_peak_rss": rss("tune.time"), "merge_peak_rss": rss("merge.time"),
        "seconds": [r["seconds"] for r in records], "spill_left": (work / "run" / "cache" / "vectors").exists(),
        "torch": __import__("torch").__version__, "gpu": __import__("torch").cuda.get_device_name(0)}
+if (work / "tune-vllm.smi").exists():
+    vllm_plan = json.loads((work / "plan-vllm.json").read_text())
+    vllm_records = [json.loads(l) for l in (work / "run-vllm" / "trials.jsonl").read_text().splitlines() if l.strip()]
+    out["vllm"] = {"planned_gpu": vllm_plan["gpu"]["needed"], "tune_peak_gpu": mib("tune-vllm.smi") - idle,
+                   "settings": {k: vllm_plan["settings"].get(k) for k in ("gpu_memory_utilization", "max_num_seqs")},
+                   "seconds": [r["seconds"] for r in vllm_records]}
 (work / "gpu_check.json").write_text(json.dumps(out, indent=2))
 print(json.dumps(out, indent=2))
 sys.exit(0 if out["tune_peak_gpu"] <= out["planned_gpu"] and not out["spill_left"] else 1)

@@ -176,6 +176,7 @@ def test_tune_push_fails_fast_then_publishes(hub, llama_trio, tmp_path, capsys, 
     assert files["pareto.png"][:4] == b"\x89PNG"
     card = files["README.md"].decode()
     assert "## Test-time search" in card and "![Pareto front of the search](pareto.png)" in card
+    assert "on samples generated with transformers" in card
     assert "Queries:" in card and "1 + 2" in card and "## Limitations" in card and "mergekit 0.1.5" in card
     for path in (tmp_path / "run2").rglob("*"):
         if path.is_file():

@@ -185,6 +185,11 @@ def _objective_text(names: list[str]) -> str:
     return ", ".join(texts[:-1]) + " and " + texts[-1] if len(texts) > 1 else texts[0]
 
 
+def _engine_text(pick: Mapping) -> str:
+    engine = pick.get("engine")
+    return f", on samples generated with {'vLLM' if engine == 'vllm' else engine}" if engine else ""
+
+
 def _tuning_section(t: TuningSummary) -> list[str]:
     labels = t.labels or list(t.pick["params"])
     objectives = t.objectives
@@ -193,7 +198,8 @@ def _tuning_section(t: TuningSummary) -> list[str]:
         "",
         f"The coefficients were searched on {len(t.queries)} unlabeled queries (sha256 `{t.queries_sha256}`) "
         f"over {t.trials} trials in {_duration(t.seconds)}; each candidate was scored by "
-        f"{_objective_text(objectives)}. Picked: trial **#{t.pick['number']}** by the `{t.rule}` rule "
+        f"{_objective_text(objectives)}{_engine_text(t.pick)}. Picked: trial **#{t.pick['number']}** by the "
+        f"`{t.rule}` rule "
         f"(hypervolume of the front {t.hypervolume:.4g}).",
         "",
         "Pareto front:",

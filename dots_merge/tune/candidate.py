@@ -2,10 +2,11 @@
 into it.
 
 `apply(recipe)` runs, tensor by tensor, the very mergekit plan the merge runs (same plan, same cast) and, for
-`dots`, the merge's own λ-sum (`dots_merge.core.combine`) over S(τ) from the compact vector store; it copies the
-result into the engine's weights (`Engine.write`: a transformers model's parameters, or vLLM's in place). The weights a trial evaluates are bit for bit those `dots-merge merge` writes
-for that recipe — the global rescale factors included, summed from the store's per-tensor norms as the merge's
-pre-pass sums them — computed from the clean base every time (no add/subtract drift) and never written to disk.
+`dots`, the merge's own λ-sum (`dots_merge.core.combine`) over S(τ) from the compact vector store; it hands the
+results, one tensor at a time, to the engine (`Engine.write`: a transformers model's parameters, or vLLM's weights
+in place). The weights a trial evaluates are bit for bit those `dots-merge merge` writes for that recipe — the
+global rescale factors included, summed from the store's per-tensor norms as the merge's pre-pass sums them —
+computed from the clean base every time (no add/subtract drift) and never written to disk.
 Other mergekit methods run their own task per tensor.
 """
 

@@ -236,7 +236,10 @@ def vllm_settings(shape: Shape, g: Generation, *, prompt_tokens: int, queries: i
     out: dict[str, Any] = {"max_model_len": length, "max_num_seqs": sequences}
     if gpu_total is None:
         gib = options.cpu_kvcache_space or max(1, -(-int(kv * 1.1) // GIB))
-        out.update(kv_cache_gib=gib, kv_bytes=gib * GIB)
+        # every prompt prefilled whole in one step: on the CPU, vLLM fails on a seeded request whose prompt it splits
+        budget = sequences * (prompt_tokens + 1)
+        prefill = budget * (4 * shape.hidden + 3 * shape.intermediate) * act_bytes
+        out.update(kv_cache_gib=gib, kv_bytes=gib * GIB + prefill, max_num_batched_tokens=budget)
     else:
         need = shape.model_bytes + kv + VLLM_OVERHEAD
         out.update(kv_bytes=kv, gpu_memory_utilization=options.gpu_memory_utilization
@@ -325,7 +328,7 @@ def make_plan(
                                     gpu_total=available["gpu"]))  # fmt: skip
         gen = engine.pop("kv_bytes")
         parts.append(Part("vLLM KV cache", dev, gen, f"{engine['max_num_seqs']} sequences × "
-                          f"{engine['max_model_len']} tokens" + ("" if gpu else " (VLLM_CPU_KVCACHE_SPACE)")))  # fmt: skip
+                          f"{engine['max_model_len']} tokens" + ("" if gpu else " (VLLM_CPU_KVCACHE_SPACE), prefill")))  # fmt: skip
         parts.append(Part("vLLM runtime and activations", dev, VLLM_OVERHEAD, "measured on CPU; planned on GPU"))
     else:
         parts.append(Part("generation (KV cache, logits)", dev, max(gen, nll), sampling_note, "generation"))

@@ -105,7 +105,9 @@ def select_queries(
         generation = dataclasses.replace(generation, batch_size=batch)
     candidate = ResidentCandidate(recipe, checkpoints, device=device, generation=generation, tokenizer=tokenizer,
                                   settings={"max_model_len": longest + generation.max_new_tokens,
-                                            "max_num_seqs": int(generation.batch_size) * samples},
+                                            "max_num_seqs": int(generation.batch_size) * samples,
+                                            "max_num_batched_tokens": int(generation.batch_size) * samples
+                                            * (longest + 1)},
                                   quiet=quiet, trust_remote_code=trust_remote_code)  # fmt: skip
     extract = make_extractor(spec.answer if spec else "auto")
     _, equal = answer_comparator(spec.compare if spec else "auto")

