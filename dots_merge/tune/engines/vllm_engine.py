@@ -188,7 +188,8 @@ class VllmEngine(Engine):
         from vllm import SamplingParams
 
         return SamplingParams(n=samples, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
-                              max_tokens=max_new_tokens, seed=query_seed(seed, prompt), stop_token_ids=self.stops,
+                              max_tokens=max_new_tokens, seed=query_seed(seed, prompt),
+                              stop_token_ids=[] if ignore_eos else self.stops,
                               ignore_eos=ignore_eos, detokenize=False)  # fmt: skip
 
     def query_nll(self, queries: Sequence[str], *, batch_size: int = 8, over: str = "query") -> list[float]:
