@@ -131,8 +131,10 @@ def test_a_cpu_plan_sets_the_vllm_kv_cache_in_whole_gib(llama_trio, tmp_path):
                       disk_free=10**11)  # fmt: skip
     settings = plan.to_json()["settings"]
     assert settings["kv_cache_gib"] == 1 and settings["max_num_seqs"] == 2 * 2  # every sample of both queries
+    # every prompt prefilled in one step (vLLM's CPU build cannot split a seeded request's prompt)
+    assert settings["max_num_batched_tokens"] >= 2 * 2 * 4
     kv = next(p for p in plan.to_json()["parts"] if p["name"] == "vLLM KV cache")
-    assert kv["where"] == "host" and kv["bytes"] == GIB
+    assert kv["where"] == "host" and GIB < kv["bytes"] < 1.01 * GIB  # the cache, and the prefill's activations
     data["tune"]["generation"]["vllm"] = {"cpu_kvcache_space": 3}
     plan = _vllm_plan(write_recipe(tmp_path / "r.yml", data), tmp_path, device="cpu", host_memory=16 * GIB,
                       disk_free=10**11)  # fmt: skip

@@ -86,6 +86,8 @@ class VllmEngine(Engine):
         trust_remote_code: bool = False,
     ):
         super().__init__(tokenizer)
+        if importlib.util.find_spec("vllm") is None:
+            raise DotsMergeError(MISSING)
         if device.type == "cuda" and (device.index or 0) != 0:
             raise DotsMergeError(f"engine vllm runs on the first visible GPU: set CUDA_VISIBLE_DEVICES={device.index} "
                                  "and use --device cuda")  # fmt: skip
@@ -94,8 +96,6 @@ class VllmEngine(Engine):
         threads = max(torch.get_num_threads(), 1)
         env = engine_environment(options, cpu=device.type == "cpu", kv_cache_gib=kv_cache_gib, threads=threads,
                                  cache_root=cache_root)  # fmt: skip
-        if importlib.util.find_spec("vllm") is None:
-            raise DotsMergeError(MISSING)
         self.environment = env
         self._saved = {key: os.environ.get(key) for key in env}  # put back by close()
         os.environ.update(env)
@@ -124,7 +124,7 @@ class VllmEngine(Engine):
         utilization = options.gpu_memory_utilization or gpu_memory_utilization
         if device.type == "cuda" and utilization is not None:
             args["gpu_memory_utilization"] = utilization
-        self.settings = {k: v for k, v in args.items() if k not in ("model", "tokenizer")}
+        LOG.info("vLLM engine: %s", {k: v for k, v in args.items() if k not in ("model", "tokenizer")})
         states = _rng_states()  # vLLM seeds the process's generators when it runs in this process
         try:
             self.llm = LLM(**args)
