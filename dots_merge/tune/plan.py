@@ -329,7 +329,7 @@ def make_plan(
         gen = engine.pop("kv_bytes")
         parts.append(Part("vLLM KV cache", dev, gen, f"{engine['max_num_seqs']} sequences × "
                           f"{engine['max_model_len']} tokens" + ("" if gpu else " (VLLM_CPU_KVCACHE_SPACE), prefill")))  # fmt: skip
-        parts.append(Part("vLLM runtime and activations", dev, VLLM_OVERHEAD, "measured on CPU; planned on GPU"))
+        parts.append(Part("vLLM runtime and activations", dev, VLLM_OVERHEAD, "an estimate, not yet measured"))
     else:
         parts.append(Part("generation (KV cache, logits)", dev, max(gen, nll), sampling_note, "generation"))
 

@@ -23,7 +23,6 @@ class Engine(ABC):
     """A model that generates and scores text, and whose weights can be replaced in place."""
 
     name: ClassVar[str]
-    certainty: ClassVar[bool] = False  # can return the full next-token distribution (self-certainty)
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer

@@ -17,7 +17,6 @@ class TransformersEngine(Engine):
     """A transformers model and its tokenizer (`load`: the base on `device`, tensor by tensor for a GPU)."""
 
     name = "transformers"
-    certainty = True
 
     def __init__(self, model, tokenizer):
         super().__init__(tokenizer)

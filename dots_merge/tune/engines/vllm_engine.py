@@ -96,7 +96,6 @@ class VllmEngine(Engine):
         threads = max(torch.get_num_threads(), 1)
         env = engine_environment(options, cpu=device.type == "cpu", kv_cache_gib=kv_cache_gib, threads=threads,
                                  cache_root=cache_root)  # fmt: skip
-        self.environment = env
         self._saved = {key: os.environ.get(key) for key in env}  # put back by close()
         os.environ.update(env)
         self.llm = None
