@@ -235,6 +235,12 @@ def check_pick(pick: Any, objectives: list[str], *, where: str) -> None:
     raise RecipeError(f"{where}: must be one of {', '.join(PICK_RULES)}, {extremes}; got {pick!r}")
 
 
+def check_engine(engine: Any, *, where: str) -> None:
+    """A generation engine this tool has (the recipe's `tune.generation.engine`, or `--engine`)."""
+    if engine not in ENGINES:
+        raise RecipeError(f"{where}: must be one of {', '.join(ENGINES)}, got {engine!r}")
+
+
 def _objectives(src: str, raw: Any) -> list[str]:
     if not isinstance(raw, list) or len(raw) < 2 or not all(isinstance(o, str) and o for o in raw):
         _fail(src, "tune.objectives", f"a list of two or more objective names, got {raw!r}")
@@ -285,8 +291,7 @@ def _generation(src: str, raw: Any) -> Generation:
     if unknown:
         _fail(src, f"tune.generation.{unknown[0]}", f"unknown key (known: {', '.join(sorted(_GENERATION_KEYS))})")
     engine = raw.get("engine", "transformers")
-    if engine not in ENGINES:
-        _fail(src, "tune.generation.engine", f"must be one of {', '.join(ENGINES)}, got {engine!r}")
+    check_engine(engine, where=f"{src}: tune.generation.engine")
     if raw.get("vllm") is not None and engine != "vllm":
         _fail(src, "tune.generation.vllm", "options of the vllm engine: set tune.generation.engine: vllm")
     g = Generation(**{**raw, "engine": engine, "vllm": _vllm_options(src, raw.get("vllm") or {})})

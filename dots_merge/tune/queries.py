@@ -64,9 +64,9 @@ def select_queries(
     from dots_merge.recipe import model_entries, model_name
     from dots_merge.recipe.tune_section import (
         DEFAULT_SUFFIX,
-        ENGINES,
         Dimension,
         Generation,
+        check_engine,
         parse_tune,
         read_queries,
         trial_recipe,
@@ -88,8 +88,7 @@ def select_queries(
     spec = parse_tune(recipe, load_queries=False) if recipe.tune else None
     generation = spec.generation if spec else Generation()
     if engine is not None:
-        if engine not in ENGINES:
-            raise DotsMergeError(f"--engine: must be one of {', '.join(ENGINES)}, got {engine!r}")
+        check_engine(engine, where="--engine")
         generation = dataclasses.replace(generation, engine=engine)
     device = resolve_device(device)
     checkpoints = inspect_models(recipe)

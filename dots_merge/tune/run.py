@@ -312,12 +312,11 @@ def _resume_command(recipe, run_dir: Path, *, trials, seed, backend, pick_rule, 
 def with_engine(recipe, engine: str | None):
     """The recipe with `--engine` written into tune.generation.engine (so that the run's identity names it);
     unchanged when the option is not given or says what the recipe already uses."""
-    from dots_merge.recipe.tune_section import ENGINES
+    from dots_merge.recipe.tune_section import check_engine
 
     if engine is None:
         return recipe
-    if engine not in ENGINES:
-        raise RecipeError(f"--engine: must be one of {', '.join(ENGINES)}, got {engine!r}")
+    check_engine(engine, where="--engine")
     tune_data = recipe.tune if isinstance(recipe.tune, dict) else None
     generation = (tune_data or {}).get("generation") or {}
     if tune_data is None or generation.get("engine", "transformers") == engine:
