@@ -222,6 +222,12 @@ def generation_bytes(shape: Shape, *, sequences: int, prompt: int, new_tokens: i
     return kv + sampling + prefill
 
 
+def vllm_step_tokens(sequences: int, prompt_tokens: int) -> int:
+    """vLLM's per-step token budget on the CPU that prefills every prompt whole: its CPU build fails on a seeded
+    request whose prompt it splits across steps."""
+    return sequences * (prompt_tokens + 1)
+
+
 def vllm_settings(shape: Shape, g: Generation, *, prompt_tokens: int, queries: int, act_bytes: int, share: int,
                   gpu_total: int | None) -> dict[str, Any]:  # fmt: skip
     """The vLLM engine's sizes: the longest sequence, how many are decoded at once (every sample of every query
@@ -236,8 +242,7 @@ def vllm_settings(shape: Shape, g: Generation, *, prompt_tokens: int, queries: i
     out: dict[str, Any] = {"max_model_len": length, "max_num_seqs": sequences}
     if gpu_total is None:
         gib = options.cpu_kvcache_space or max(1, -(-int(kv * 1.1) // GIB))
-        # every prompt prefilled whole in one step: on the CPU, vLLM fails on a seeded request whose prompt it splits
-        budget = sequences * (prompt_tokens + 1)
+        budget = vllm_step_tokens(sequences, prompt_tokens)
         prefill = budget * (4 * shape.hidden + 3 * shape.intermediate) * act_bytes
         out.update(kv_cache_gib=gib, kv_bytes=gib * GIB + prefill, max_num_batched_tokens=budget)
     else:

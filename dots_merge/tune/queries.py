@@ -75,7 +75,7 @@ def select_queries(
     from dots_merge.tune.candidate import ResidentCandidate
     from dots_merge.tune.generation import load_tokenizer, require_tokenizer
     from dots_merge.tune.objectives import health_warnings, make_objectives, prompts_of, score
-    from dots_merge.tune.plan import batch_for, longest_prompt
+    from dots_merge.tune.plan import batch_for, longest_prompt, vllm_step_tokens
 
     if n < 1:
         raise DotsMergeError(f"--n: must be at least 1, got {n}")
@@ -105,8 +105,8 @@ def select_queries(
     candidate = ResidentCandidate(recipe, checkpoints, device=device, generation=generation, tokenizer=tokenizer,
                                   settings={"max_model_len": longest + generation.max_new_tokens,
                                             "max_num_seqs": int(generation.batch_size) * samples,
-                                            "max_num_batched_tokens": int(generation.batch_size) * samples
-                                            * (longest + 1)},
+                                            "max_num_batched_tokens": vllm_step_tokens(
+                                                int(generation.batch_size) * samples, longest)},
                                   quiet=quiet, trust_remote_code=trust_remote_code)  # fmt: skip
     extract = make_extractor(spec.answer if spec else "auto")
     _, equal = answer_comparator(spec.compare if spec else "auto")
