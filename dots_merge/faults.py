@@ -3,7 +3,8 @@
     DOTS_MERGE_FAULTS="generate:3:kill,record:1:int"
 
 kills the process (SIGKILL) the 3rd time it reaches `fault_point("generate")`, or sends it SIGINT the 1st time it
-reaches `fault_point("record")`. Points: load, prepass, generate, record, merge. Without the variable, a point
+reaches `fault_point("record")`; `lost` sends SIGTERM and swallows the KeyboardInterrupt it raises. Points: load, prepass, ask (before each trial is asked
+for), update (each tensor of a trial's weight update), generate, record, merge. Without the variable, a point
 costs one dictionary lookup.
 """
 
@@ -11,8 +12,9 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
-_SIGNALS = {"kill": signal.SIGKILL, "int": signal.SIGINT, "term": signal.SIGTERM}
+_SIGNALS = {"kill": signal.SIGKILL, "int": signal.SIGINT, "term": signal.SIGTERM, "lost": signal.SIGTERM}
 _plan: dict[str, tuple[int, str]] | None = None
 _hits: dict[str, int] = {}
 
@@ -36,8 +38,16 @@ def fault_point(name: str) -> None:
         return
     _hits[name] = _hits.get(name, 0) + 1
     hit, action = _plan[name]
-    if _hits[name] == hit:
+    if _hits[name] != hit:
+        return
+    if action != "lost":
         os.kill(os.getpid(), _SIGNALS[action])
+        return
+    try:  # SIGTERM whose KeyboardInterrupt is swallowed, as some C extensions do (scipy's Sobol set-up)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+    except KeyboardInterrupt:
+        pass
 
 
 def reset() -> None:

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 from dots_merge.errors import DotsMergeError
+from dots_merge.faults import fault_point
+from dots_merge.interrupts import raise_if_interrupted
 from dots_merge.tune.stores.base import Trial, TrialStore
 
 LOG = logging.getLogger(__name__)
@@ -38,13 +40,16 @@ def run_trials(
     """Evaluate trials until the store holds its budget of finished ones; returns how many this process told."""
     told, failed_in_a_row = 0, 0
     while not store.done():
+        fault_point("ask")
         trial = store.ask()
         if trial is None:  # other processes are running the last trials
             sleep(store.poll_interval())
             continue
         try:
+            raise_if_interrupted()  # a signal whose KeyboardInterrupt a C extension swallowed
             recipe = write_recipe(trial)
             record = evaluate(trial, recipe)
+            raise_if_interrupted()
         except KeyboardInterrupt:
             store.release(trial)
             raise

@@ -15,10 +15,7 @@ import logging
 import os
 import shlex
 import shutil
-import signal
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +24,7 @@ import tqdm
 
 from dots_merge.errors import DotsMergeError, Interrupted, RecipeError
 from dots_merge.fileio import write_atomic
+from dots_merge.interrupts import interrupts_stop_the_run
 from dots_merge.recipe import Recipe
 from dots_merge.tune.generation import require_tokenizer
 from dots_merge.tune.identity import fingerprints, portable_identity, run_identity
@@ -203,7 +201,7 @@ def tune(
     hint = _resume_command(recipe, run_dir, trials=trials, seed=seed, backend=backend, pick_rule=pick_rule,
                            storage=storage, study=study, worker=worker, strict=strict, device=device,
                            cache_budget=cache_budget, keep_cache=keep_cache, engine=engine)  # fmt: skip
-    with _sigterm_as_interrupt():
+    with interrupts_stop_the_run():
         evaluator = _Evaluator(recipe, spec, checkpoints, run_dir, device=device, quiet=quiet, plan=plan,
                                keep_cache=keep_cache, trust_remote_code=trust_remote_code)  # fmt: skip
         try:
@@ -334,19 +332,6 @@ def release_memory() -> None:
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt where the program is, as Ctrl-C does, so a trial is put back either way."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _open_store(recipe, spec, objectives, checkpoints, run_dir: Path, *, resume, storage, study, worker, heartbeat,
