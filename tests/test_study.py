@@ -157,10 +157,10 @@ def slow_recipe(trio, tmp_path: Path, trials: int) -> Path:
     return write_recipe(tmp_path / "recipe.yml", data)
 
 
-def start(recipe: Path, run: Path, storage: str, study: str, *extra: str) -> subprocess.Popen:
+def start(recipe: Path, run: Path, storage: str, study: str, *extra: str, stderr=subprocess.PIPE) -> subprocess.Popen:
     cmd = [*CLI, "tune", str(recipe), "--out", str(run), "--storage", storage, "--study", study, "--quiet",
            "--heartbeat", "1", *extra]  # fmt: skip
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
@@ -205,8 +205,12 @@ def test_two_processes_share_one_study(llama_trio, tmp_path, storage):
 def test_a_worker_killed_mid_trial_is_retried(llama_trio, tmp_path, storage):
     recipe = slow_recipe(llama_trio, tmp_path, trials=4)
     study = f"k-{uuid.uuid4().hex[:8]}"
-    worker = start(recipe, tmp_path / "worker", storage, study, "--worker")
-    time.sleep(1.0)  # the worker is importing and will be waiting for the study when the main one starts
+    log = tmp_path / "worker.err"
+    with open(log, "w") as err:
+        worker = start(recipe, tmp_path / "worker", storage, study, "--worker", stderr=err)
+    deadline = time.time() + 120  # the main process starts once the worker waits for the study (imports done)
+    while time.time() < deadline and "waiting for" not in log.read_text() and worker.poll() is None:
+        time.sleep(0.05)
     boss = start(recipe, tmp_path / "main", storage, study, "--no-merge")
     deadline, victim = time.time() + 120, None
     while time.time() < deadline and victim is None and boss.poll() is None:
