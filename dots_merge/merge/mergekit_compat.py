@@ -101,6 +101,14 @@ def copy_tagalong_files(config: Any, out_path: str, files: list[str], options: M
     _merge._copy_tagalong_files(config, out_path, files=files, options=options)
 
 
+def unmap(model) -> None:
+    """Close the shard `model`'s loader holds open: its pages leave this process's RSS (the page cache may keep
+    them); the loader opens it again when next read."""
+    loader = LoaderCache.loaders.get(model)
+    if loader is not None:
+        loader.flush()
+
+
 def reset_loaders(options: MergeOptions | None = None) -> None:
     """Forget mergekit's open checkpoint loaders (process-wide) and, with `options`, set them up anew."""
     LoaderCache.loaders.clear()

@@ -111,13 +111,11 @@ class ResidentCandidate:
                 factors = self._global_factors(targets, config.dtype)
                 used = with_factors(used, factors)
             self.engine.write(self._merged(used, config, targets, factors))
-        if self.vectors.builds != builds:  # unmap the fine-tunes' checkpoints: the store holds what it needs
-            mergekit_compat.reset_loaders(self.options)
-            if self._applied and not self._warned:
-                self._warned = True
-                LOG.warning("the vector store recomputed %d task vectors from the checkpoints in this trial: they fit "
-                            "neither its RAM budget nor its spill budget (see `dots-merge plan`; raise "
-                            "--cache-budget)", self.vectors.builds - builds)  # fmt: skip
+        if self.vectors.builds != builds and self._applied and not self._warned:
+            self._warned = True
+            LOG.warning("the vector store recomputed %d task vectors from the checkpoints in this trial: they fit "
+                        "neither its RAM budget nor its spill budget (see `dots-merge plan`; raise --cache-budget)",
+                        self.vectors.builds - builds)  # fmt: skip
         self._applied = True
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -215,6 +213,7 @@ class ResidentCandidate:
             if model == task.base_model or model not in infos:
                 continue
             density = task.input_parameters[model]["density"]
+            builds = self.vectors.builds
             try:
                 vector = self.vectors.vector(
                     str(model),
@@ -228,6 +227,9 @@ class ResidentCandidate:
                 )
             except NonFiniteTaskVector:
                 raise nonfinite_error(name, base, task.base_model, model) from None
+            if self.vectors.builds != builds:  # read once for the store: its shard need not stay in the RSS
+                with self._load_lock:
+                    mergekit_compat.unmap(model)
             yield model, vector
 
     def _densities(self, recipe: Recipe) -> dict[tuple[str, str], float]:
