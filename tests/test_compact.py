@@ -33,16 +33,23 @@ def test_pack_bits_round_trips(n):
     assert torch.equal(unpack_bits(packed, n), keep)
 
 
-@pytest.mark.parametrize(("n", "histogram"), [(1000, False), ((1 << 18) * 2 + 313, False), ((1 << 18) + 5, True)])
+@pytest.mark.parametrize(("n", "histogram"), [(1000, False), ((1 << 18) * 2 + 313, True), ((1 << 18) + 5, False)])
 def test_every_lower_density_equals_the_merge_bit_for_bit(n, histogram, monkeypatch):
-    if histogram:  # large entries keep their first radix histogram: the same selections with one pass less
-        monkeypatch.setattr("dots_merge.core.compact.HISTOGRAM_MIN", 1)
+    if not histogram:  # without the first radix histogram, the selection makes both passes
+        monkeypatch.setattr("dots_merge.core.compact.HISTOGRAM_SHARE", 1 << 40)
     base, tuned = _tied_pair(n, seed=n)
     compact = compress(base, tuned, 0.6)
     assert compact.kept == keep_count(0.6, n) and compact.values.dtype == torch.bfloat16
     assert (compact.high_histogram is not None) == histogram
-    # 1/8 byte + 0.6 · 2 bytes per parameter (+ 256 KiB of histogram when kept)
-    assert compact.nbytes == (n + 7) // 8 + 2 * compact.kept + (4 << 16 if histogram else 0)
+    entry = (n + 7) // 8 + 2 * compact.kept  # 1/8 byte + 0.6 · 2 bytes per parameter
+    if histogram:  # its nonzero bins as (bin, count) rows, within 1/32 of the entry
+        rows = compact.high_histogram
+        assert rows.shape[1] == 2 and 8 * rows.shape[0] <= entry // 32 and int(rows[:, 1].sum()) == compact.kept
+        hist = torch.bincount(sparse_task_vector(base, tuned, 0.6).values.abs().view(torch.int32) >> 16,
+                              minlength=1 << 16)  # fmt: skip
+        hist[0] -= n - compact.kept  # the zeros S(τ) does not keep
+        assert torch.equal(hist.nonzero().squeeze(1), rows[:, 0].long()) and torch.equal(hist[rows[:, 0].long()], rows[:, 1].long())
+    assert compact.nbytes == entry + (8 * compact.high_histogram.shape[0] if histogram else 0)
     for density in (0.6, 0.45, 0.3, 0.1, 0.01, 0.001):
         within, kept_norm = select_within(compact, base, density, torch.device("cpu"), norm=True)
         reference = sparse_task_vector(base, tuned, density)

@@ -2,7 +2,9 @@
 
 `compress` keeps, for the largest density a tune can ask (k_max entries), a bitmask of the kept positions and the
 fine-tune's values there in the dtype they were loaded in: 1/8 byte per parameter plus k_max/numel times the
-dtype's size (bfloat16 at density 0.6: 1.325 bytes per parameter), never a dense float32 copy. τ at a kept
+dtype's size (bfloat16 at density 0.6: 1.325 bytes per parameter), never a dense float32 copy; and, when its
+nonzero bins take at most 1/32 of that, the first radix histogram of the kept |τ| (the same for every density:
+a new density's selection then makes one pass over the kept entries instead of two). τ at a kept
 position is rebuilt from it and the base as the merge forms it (float32(tuned) − float32(base)), so it is the
 same float.
 
@@ -27,6 +29,7 @@ from dots_merge.core.topk import (
     add_to_histogram_,
     chunk_spans,
     empty_histogram,
+    gathered,
     keep_count,
     keep_mask,
     magnitude_bits,
@@ -35,7 +38,7 @@ from dots_merge.core.topk import (
 )
 
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
-HISTOGRAM_MIN = 1 << 22  # entries keeping ≥ this many values keep their first radix histogram (256 KiB, ≤ 3 %)
+HISTOGRAM_SHARE = 32  # the first radix histogram is kept when its nonzero bins take ≤ 1/32 of the entry's bytes
 
 
 @dataclass
@@ -48,13 +51,21 @@ class CompactVector:
     mask: torch.Tensor | None
     values: torch.Tensor
     squared_norm: float
-    high_histogram: torch.Tensor | None = None  # int32 bincount of the kept |τ|'s high 16 bits (large entries)
+    high_histogram: torch.Tensor | None = None  # int32 (bin, count) rows: the nonzero bins of the kept |τ|'s high 16 bits
 
     @property
     def nbytes(self) -> int:
-        mask = 0 if self.mask is None else self.mask.numel()
         hist = 0 if self.high_histogram is None else self.high_histogram.numel() * 4
-        return mask + self.values.numel() * self.values.element_size() + hist
+        return _entry_bytes(self.mask, self.values) + hist
+
+
+def _entry_bytes(mask: torch.Tensor | None, values: torch.Tensor) -> int:
+    return (0 if mask is None else mask.numel()) + values.numel() * values.element_size()
+
+
+def histogram_limit(entry_bytes: int) -> int:
+    """The most bytes an entry of `entry_bytes` (bitmask and values) spends on its first radix histogram."""
+    return min(8 << 16, entry_bytes // HISTOGRAM_SHARE)
 
 
 def pack_bits(keep: torch.Tensor) -> torch.Tensor:
@@ -83,7 +94,7 @@ def compress(
         return CompactVector(n, n, None, flat.detach().to("cpu", copy=True), sparse.squared_norm)
     mask = torch.empty((n + 7) // 8, dtype=torch.uint8)
     values = torch.empty(selection.k, dtype=flat.dtype)
-    hist = empty_histogram(sparse.values.device) if selection.k >= HISTOGRAM_MIN else None
+    hist = empty_histogram(sparse.values.device)
     ties_left, at = selection.ties, 0
     for sl in chunk_spans(n, sparse.values.device):
         keep, ties_left = keep_mask(magnitude_bits(sparse.values[sl]), selection, ties_left)
@@ -91,9 +102,11 @@ def compress(
         chunk = flat[sl][keep]
         values[at : at + chunk.numel()] = chunk.cpu()
         at += chunk.numel()
-        if hist is not None:
-            add_to_histogram_(hist, sparse.values[sl][keep])
-    high = None if hist is None else hist.to(device="cpu", dtype=torch.int32)
+        add_to_histogram_(hist, sparse.values[sl][keep])
+    bins = hist.nonzero().squeeze(1)
+    high = None
+    if 8 * bins.numel() <= histogram_limit(_entry_bytes(mask, values)):
+        high = torch.stack([bins, hist[bins]], dim=1).to(device="cpu", dtype=torch.int32)
     return CompactVector(n, selection.k, mask, values, sparse.squared_norm, high)
 
 
@@ -118,7 +131,7 @@ def _kept_tau(
         else:
             where = kept_positions(cv.mask[sl.start // 8 : (sl.stop + 7) // 8], sl.stop - sl.start, device)
             count = where.numel()
-            part = part.index_select(0, where)
+            part = gathered(part, where)
         tau = cv.values[at : at + count].to(device=device, dtype=torch.float32, copy=True)
         at += count
         yield sl, where, tau.sub_(part.to(dtype=torch.float32))
@@ -135,7 +148,11 @@ def select_within(
         raise ValueError(f"density {density} keeps {k} entries, more than the {cv.kept} kept")
     taus = [tau for _, _, tau in _kept_tau(cv, base, device)]
     bits = [magnitude_bits(tau) for tau in taus]  # |τ| once, for every pass below
-    high = None if cv.high_histogram is None else cv.high_histogram.to(device=device, dtype=torch.int64)
+    high = None
+    if cv.high_histogram is not None:
+        rows = cv.high_histogram.to(device=device, dtype=torch.int64)
+        high = empty_histogram(device)
+        high[rows[:, 0]] = rows[:, 1]
     within = select_topk_chunks(lambda: bits, k, cv.kept, device, high_histogram=high, as_bits=True)
     if not norm:
         return within, math.nan

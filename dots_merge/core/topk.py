@@ -53,10 +53,27 @@ def keep_count(density: float, numel: int) -> int:
 
 
 def masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`x[mask]` for flat tensors; on the CPU through numpy's flatnonzero, several times faster than torch's."""
+    """`x[mask]` for flat tensors; on the CPU through numpy's compress, several times faster than torch's."""
     if x.device.type == "cpu":
-        return x.index_select(0, torch.from_numpy(np.flatnonzero(mask.numpy())))
+        return _from_numpy(np.compress(mask.numpy(), _as_numpy(x)), x.dtype)
     return x[mask]
+
+
+def gathered(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`x[index]` for a flat tensor and int64 indices; on the CPU through numpy's take (2× torch's for bfloat16)."""
+    if x.device.type == "cpu":
+        return _from_numpy(np.take(_as_numpy(x), index.numpy()), x.dtype)
+    return x.index_select(0, index)
+
+
+def _as_numpy(x: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor; bfloat16, which numpy lacks, as its int16 bit patterns."""
+    return (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).numpy()
+
+
+def _from_numpy(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    t = torch.from_numpy(a)
+    return t.view(dtype) if dtype == torch.bfloat16 else t
 
 
 def magnitude_bits(chunk: torch.Tensor) -> torch.Tensor:
@@ -110,9 +127,8 @@ def select_topk_chunks(
     high, above = _locate(hist, k)
     hist.zero_()
     for chunk in chunks():
-        bits = chunk if as_bits else magnitude_bits(chunk)  # entries outside the high bin go to an extra bin
-        low_bits = torch.where((bits >> 16) == high, bits & 0xFFFF, _BINS)
-        hist += torch.bincount(low_bits, minlength=_BINS + 1)[:_BINS]
+        bits = chunk if as_bits else magnitude_bits(chunk)  # the low bits of the entries in the high bin only
+        hist += torch.bincount(masked(bits, (bits >> 16) == high) & 0xFFFF, minlength=_BINS)
     low, above_low = _locate(hist, k - above)
     greater = above + above_low
     return TopK(k=k, numel=n, threshold_bits=(high << 16) | low, ties=k - greater)

@@ -194,10 +194,10 @@ def model_shape(base: Checkpoint, out_bytes: int) -> Shape:
 
 
 def store_bytes(densities: Mapping[tuple[str, str], float], tensors: Mapping[str, Any], loaded_bytes: int) -> int:
-    """Bytes of the compact vector store: per (fine-tune, tensor) a bitmask and for large ones the first radix
-    histogram (unless dense), and the kept values."""
+    """Bytes of the compact vector store: per (fine-tune, tensor) a bitmask and the kept values, and at most
+    `histogram_limit` of the first radix histogram (unless dense)."""
     from dots_merge.core import keep_count
-    from dots_merge.core.compact import HISTOGRAM_MIN
+    from dots_merge.core.compact import histogram_limit
 
     total = 0
     for (_, name), density in densities.items():
@@ -206,8 +206,10 @@ def store_bytes(densities: Mapping[tuple[str, str], float], tensors: Mapping[str
             continue
         k = keep_count(density, info.numel)
         if k < info.numel:  # dense entries keep neither a bitmask nor a histogram
-            total += (info.numel + 7) // 8 + (4 << 16 if k >= HISTOGRAM_MIN else 0)
-        total += k * loaded_bytes
+            entry = (info.numel + 7) // 8 + k * loaded_bytes
+            total += entry + histogram_limit(entry)
+        else:
+            total += k * loaded_bytes
     return total
 
 

@@ -40,7 +40,7 @@ from dots_merge.core import (
 from dots_merge.faults import fault_point
 from dots_merge.fileio import disk_full_is_an_error
 
-CACHE_VERSION = 2  # in the names of spilled files; 2: compact vectors (bitmask + fine-tune values)
+CACHE_VERSION = 3  # in the names of spilled files; 2: compact vectors (bitmask + fine-tune values); 3: sparse histogram
 EntryKey = tuple[str, str, str, bool, str]  # (model, tensor, loaded dtype, norms taken, ceiling density)
 
 
