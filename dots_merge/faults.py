@@ -3,9 +3,9 @@
     DOTS_MERGE_FAULTS="generate:3:kill,record:1:int"
 
 kills the process (SIGKILL) the 3rd time it reaches `fault_point("generate")`, or sends it SIGINT the 1st time it
-reaches `fault_point("record")`; `lost` sends SIGTERM and swallows the KeyboardInterrupt it raises. Points: load, prepass, ask (before each trial is asked
-for), update (each tensor of a trial's weight update), generate, record, merge. Without the variable, a point
-costs one dictionary lookup.
+reaches `fault_point("record")`; `term` sends SIGTERM, and `lost` sends SIGTERM and swallows the KeyboardInterrupt
+it raises, as some C extensions do. Points: load, prepass, ask (before each trial is asked for), generate, record,
+merge. Without the variable, a point costs one dictionary lookup.
 """
 
 from __future__ import annotations

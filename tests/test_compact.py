@@ -48,7 +48,8 @@ def test_every_lower_density_equals_the_merge_bit_for_bit(n, histogram, monkeypa
         hist = torch.bincount(sparse_task_vector(base, tuned, 0.6).values.abs().view(torch.int32) >> 16,
                               minlength=1 << 16)  # fmt: skip
         hist[0] -= n - compact.kept  # the zeros S(τ) does not keep
-        assert torch.equal(hist.nonzero().squeeze(1), rows[:, 0].long()) and torch.equal(hist[rows[:, 0].long()], rows[:, 1].long())
+        bins = rows[:, 0].long()
+        assert torch.equal(hist.nonzero().squeeze(1), bins) and torch.equal(hist[bins], rows[:, 1].long())
     assert compact.nbytes == entry + (8 * compact.high_histogram.shape[0] if histogram else 0)
     for density in (0.6, 0.45, 0.3, 0.1, 0.01, 0.001):
         within, kept_norm = select_within(compact, base, density, torch.device("cpu"), norm=True)

@@ -51,7 +51,7 @@ class CompactVector:
     mask: torch.Tensor | None
     values: torch.Tensor
     squared_norm: float
-    high_histogram: torch.Tensor | None = None  # int32 (bin, count) rows: the nonzero bins of the kept |τ|'s high 16 bits
+    high_histogram: torch.Tensor | None = None  # int32 (bin, count) rows: nonzero bins of the kept |τ|'s high bits
 
     @property
     def nbytes(self) -> int:

@@ -28,7 +28,6 @@ from mergekit.options import MergeOptions
 from dots_merge.checkpoints import Checkpoint
 from dots_merge.core import METHOD_NAME, NonFiniteTaskVector, Term, combine, norm_ratio, rescale_factor
 from dots_merge.errors import DotsMergeError
-from dots_merge.faults import fault_point
 from dots_merge.merge import mergekit_compat
 from dots_merge.merge.driver import needs_prepass, output_dtype, plan_tasks, with_factors, with_output_dtype
 from dots_merge.merge.method import nonfinite_error, rescale_factor_for
@@ -126,7 +125,6 @@ class ResidentCandidate:
         """Each target tensor of `used`, tensor by tensor: (name, merged tensor, the dtype the merge writes it in).
         The tensor may be a reused buffer, valid until the next one is asked for."""
         for task, weight in targets.items():
-            fault_point("update")
             if used.method == METHOD_NAME:
                 result = self._dots_tensor(task, weight.name, config.dtype, factors)
             else:
