@@ -55,7 +55,8 @@ def test_a_trial_is_bitwise_the_merge_of_its_recipe_at_50m_entries(tmp_path, dty
         trial = load_recipe(path)
         if candidate is None:
             ceiling = trial_recipe(recipe, space, [1.0, 1.0, 1.0, 0.6])  # the densities come from one store
-            candidate = ResidentCandidate(trial, inspect_models(trial), ceiling=ceiling)
+            floor = trial_recipe(recipe, space, [1.0, 1.0, 1.0, 0.1])  # two tiers: 0.3 reads one, 0.45 the other
+            candidate = ResidentCandidate(trial, inspect_models(trial), ceiling=ceiling, floor=floor)
         candidate.apply(trial)
         out = tmp_path / f"merged-{number}"
         assert main(["merge", str(path), str(out), "--quiet", "--cache-dir", str(tmp_path / "cache")]) == 0

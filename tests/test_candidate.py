@@ -47,20 +47,24 @@ def test_trial_weights_equal_the_merge_bitwise(request, tmp_path, trio_name, res
             assert candidate.model.lm_head.weight.data_ptr() == candidate.model.model.embed_tokens.weight.data_ptr()
 
 
-@pytest.mark.parametrize(("rescale", "threads"), [("global", 1), ("tensor", 1), ("global", 2)])
-def test_searched_densities_come_from_one_compact_store_bit_for_bit(qwen_trio, tmp_path, rescale, threads):
-    """Densities below the run's ceiling are taken from the vectors stored once at the ceiling: no entry is
-    computed again, and each trial's weights are still exactly those of the merge of its recipe (also when the
-    global factors' selections run one tensor per thread)."""
+@pytest.mark.parametrize(
+    ("rescale", "threads", "spill"),
+    [("global", 1, False), ("tensor", 1, False), ("global", 2, False), ("global", 1, True)],
+)
+def test_searched_densities_come_from_one_compact_store_bit_for_bit(qwen_trio, tmp_path, rescale, threads, spill):
+    """Densities below the run's ceiling are taken from the vectors stored once at the ceiling, in two tiers split
+    at the middle of the range: no entry is computed again, and each trial's weights are still exactly those of
+    the merge of its recipe, whichever tier its densities fall in (also when the global factors' selections run
+    one tensor per thread)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        _densities_from_one_store(qwen_trio, tmp_path, rescale)
+        _densities_from_one_store(qwen_trio, tmp_path, rescale, spill)
     finally:
         torch.set_num_threads(previous)
 
 
-def _densities_from_one_store(qwen_trio, tmp_path, rescale):
+def _densities_from_one_store(qwen_trio, tmp_path, rescale, spill):
 
     def at(sft: float, rlvr: float):
         data = dots_recipe(qwen_trio, parameters={"rescale": rescale})
@@ -68,14 +72,17 @@ def _densities_from_one_store(qwen_trio, tmp_path, rescale):
         data["models"][1]["parameters"] = {"weight": 0.8, "density": rlvr}
         return parse_recipe(data)
 
-    vectors = VectorStore(torch.device("cpu"))
+    vectors = VectorStore(torch.device("cpu"), budget=0 if spill else None, spill_dir=tmp_path / "vectors")
     first = at(0.2, 0.45)
-    candidate = ResidentCandidate(first, inspect_models(first), vectors=vectors, ceiling=at(0.7, 0.7))
+    candidate = ResidentCandidate(first, inspect_models(first), vectors=vectors, ceiling=at(0.7, 0.7),
+                                  floor=at(0.1, 0.1))  # fmt: skip
     builds = None
     for i, recipe in enumerate([first, at(0.7, 0.1), at(0.33, 0.61), first]):
         candidate.apply(recipe)
         builds = vectors.builds if builds is None else builds
         assert vectors.builds == builds > 0, "a new density recomputed vectors from the checkpoints"
+        entries = [VectorStore._read(path, 0) for path in vectors.spilled] if spill else list(vectors._kept.values())
+        assert any(len(entry.tiers) == 2 for entry in entries)  # split at 0.4, the range's middle
         out = tmp_path / f"merge{i}"
         dots_merge.merge(recipe, out, cache_dir=None)
         weights = candidate.model.state_dict()

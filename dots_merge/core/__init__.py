@@ -6,9 +6,12 @@ The merge kernel and a trial's in-memory update both call these functions; nothi
 from dots_merge.core.combine import RESCALE_MODES, Term, combine, rescale_factor
 from dots_merge.core.compact import (
     CompactVector,
+    Tier,
+    Within,
     compress,
     select_within,
     sparse_chunks_of,
+    tier_densities,
 )
 from dots_merge.core.task_vector import (
     NonFiniteTaskVector,
@@ -33,7 +36,9 @@ __all__ = [
     "NonFiniteTaskVector",
     "SparseTaskVector",
     "Term",
+    "Tier",
     "TopK",
+    "Within",
     "chunk_spans",
     "chunk_squared_norm",
     "combine",
@@ -50,4 +55,5 @@ __all__ = [
     "sparse_chunks_of",
     "sparse_task_vector",
     "squared_norm",
+    "tier_densities",
 ]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dots_merge.core.squares import square_units, units_to_float
 from dots_merge.core.topk import (
     TopK,
     add_to_histogram_,
@@ -66,7 +67,8 @@ def _tau_chunk(base: torch.Tensor, tuned: torch.Tensor, sl: slice, out: torch.Te
 
 @dataclass
 class SparseTaskVector:
-    """S(τ) for one tensor of one fine-tune, before λ and f; norms are float64 sums of squares."""
+    """S(τ) for one tensor of one fine-tune, before λ and f; ‖τ‖² is a float64 sum of squares, ‖S(τ)‖² the
+    exact sum rounded once (`dots_merge.core.squares`; ‖τ‖² itself when S keeps everything)."""
 
     values: torch.Tensor
     selection: TopK
@@ -83,12 +85,13 @@ def sparse_task_vector(
     out: torch.Tensor | None = None,
     check_finite: bool = True,
     norms: bool = True,
+    kept_norm: bool = True,
 ) -> SparseTaskVector:
     """S(τ) of one tensor, materialised: τ in float32, exact top-k (or the given `selection`), zeros elsewhere.
 
     Fused: one pass makes τ, its norm and the first radix histogram; one more finds the threshold;
     one applies it. `out` (flat float32, numel of `base`) is reused as storage when given. With
-    `norms=False` the norms are not computed (NaN).
+    `norms=False` the norms are not computed (NaN); with `kept_norm=False` only ‖τ‖² is.
     """
     if base.shape != tuned.shape:
         raise ValueError(f"shape mismatch: {tuple(base.shape)} vs {tuple(tuned.shape)}")
@@ -112,14 +115,15 @@ def sparse_task_vector(
         selection = select_topk(tau, k, high_histogram=hist) if hist is not None else TopK(k=n, numel=n)
     if selection.dense:
         return SparseTaskVector(tau, selection, total, total)
-    kept = 0.0 if norms else math.nan
-    ties_left = selection.ties
+    exact = norms and kept_norm and math.isfinite(total)
+    units, ties_left = 0, selection.ties
     for sl in chunk_spans(n, tau.device):
         chunk = tau[sl]
         keep, ties_left = keep_mask(magnitude_bits(chunk), selection, ties_left)
-        if norms:  # over the kept entries only, in flat order: what the compact store sums too
-            kept += chunk_squared_norm(masked(chunk, keep))
+        if exact:  # exact over the kept entries: the compact store sums the same integer in its own grouping
+            units += square_units(masked(chunk, keep))
         chunk.masked_fill_(keep.logical_not_(), 0.0)
+    kept = units_to_float(units) if exact else (total if norms and kept_norm else math.nan)
     return SparseTaskVector(tau, selection, total, kept)
 
 

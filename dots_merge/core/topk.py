@@ -115,8 +115,22 @@ def select_topk_chunks(
     """`select_topk` over a float32 vector of `n` entries given as consecutive chunks, in flat order;
     `chunks()` is called once per radix pass, so the vector never needs to exist whole. With `as_bits` the
     chunks are already `magnitude_bits` of the vector."""
+    return radix_select(chunks, k, n, device, high_histogram=high_histogram, as_bits=as_bits)[0]
+
+
+def radix_select(
+    chunks: Callable[[], Iterable[torch.Tensor]],
+    k: int,
+    n: int,
+    device: torch.device,
+    *,
+    high_histogram: torch.Tensor | None = None,
+    as_bits: bool = False,
+) -> tuple[TopK, int, torch.Tensor | None]:
+    """`select_topk_chunks`, with the threshold's high bin and the second pass's histogram (the low 16 bits of the
+    entries in that bin; None when every entry is kept)."""
     if n == 0 or k >= n:
-        return TopK(k=n, numel=n)
+        return TopK(k=n, numel=n), -1, None
     if k < 1:
         raise ValueError("k must be at least 1")
     hist = high_histogram.clone() if high_histogram is not None else empty_histogram(device)
@@ -131,7 +145,7 @@ def select_topk_chunks(
         hist += torch.bincount(masked(bits, (bits >> 16) == high) & 0xFFFF, minlength=_BINS)
     low, above_low = _locate(hist, k - above)
     greater = above + above_low
-    return TopK(k=k, numel=n, threshold_bits=(high << 16) | low, ties=k - greater)
+    return TopK(k=k, numel=n, threshold_bits=(high << 16) | low, ties=k - greater), high, hist
 
 
 def keep_mask(bits: torch.Tensor, sel: TopK, ties_left: int) -> tuple[torch.Tensor, int]:

@@ -60,12 +60,14 @@ def trial_accuracy(recipe_path: Path, run_dir: Path, records: Sequence[dict], pr
     from dots_merge.recipe import load_recipe, parse_tune
     from dots_merge.tune.candidate import ResidentCandidate
     from dots_merge.tune.generation import load_tokenizer
-    from dots_merge.tune.plan import ceiling_recipe
+    from dots_merge.tune.plan import ceiling_recipe, floor_recipe
     from dots_merge.tune.run_folder import trial_path
 
     recipe = load_recipe(recipe_path)
     checkpoints = inspect_models(recipe)
-    candidate = ResidentCandidate(recipe, checkpoints, ceiling=ceiling_recipe(recipe, parse_tune(recipe)))
+    spec = parse_tune(recipe)
+    candidate = ResidentCandidate(recipe, checkpoints, ceiling=ceiling_recipe(recipe, spec),
+                                  floor=floor_recipe(recipe, spec))  # fmt: skip
     tokenizer = load_tokenizer(next(iter(checkpoints.values())).path)
     out = {}
     try:

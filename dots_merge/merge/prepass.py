@@ -31,7 +31,7 @@ from dots_merge.fileio import write_atomic
 from dots_merge.merge.method import SelectionKey, nonfinite_error
 
 LOG = logging.getLogger(__name__)
-CACHE_VERSION = 3  # 2: the key holds weight digests, load dtypes and the rescale mode; 3: sums by math.fsum
+CACHE_VERSION = 4  # 2: the key holds weight digests, load dtypes and the rescale mode; 3: sums by math.fsum; 4: ‖S(τ)‖² exact
 
 
 @dataclass

@@ -42,7 +42,9 @@ class ResidentCandidate:
     """A generation engine (`tune.generation.engine`) holding the weights of the last applied recipe.
 
     `ceiling` is the recipe at the largest densities the run can ask (the top of each searched range): the
-    store keeps each S(τ) at that density once and takes every lower one from it. With `base_on_device`, the
+    store keeps each S(τ) at that density once and takes every lower one from it; `floor`, the recipe at the
+    bottom of each range, sets where the store splits each entry in two tiers (the middle of the range), so a
+    new density reads one tier. With `base_on_device`, the
     base's tensors stay on the device between trials (else they are read from the memory-mapped checkpoint).
     """
 
@@ -54,6 +56,7 @@ class ResidentCandidate:
         device: str = "cpu",
         vectors: VectorStore | None = None,
         ceiling: Recipe | None = None,
+        floor: Recipe | None = None,
         base_on_device: bool = False,
         generation: Generation | None = None,
         tokenizer=None,
@@ -81,6 +84,7 @@ class ResidentCandidate:
                                   device=self.device, settings=settings, trust_remote_code=trust_remote_code)  # fmt: skip
         self.vectors = VectorStore(self.device) if vectors is None else vectors
         self._ceilings = self._densities(ceiling) if ceiling is not None else {}
+        self._floors = self._densities(floor) if floor is not None else {}
         self._base_on_device = base_on_device and self.device.type != "cpu"
         self._resident: dict[str, torch.Tensor] = {}
         self._out: torch.Tensor | None = None
@@ -220,6 +224,7 @@ class ResidentCandidate:
                     lambda model=model: self._input(model, infos[model], dtype),
                     density,
                     ceiling=self._ceilings.get((str(model), name), density),
+                    floor=self._floors.get((str(model), name)),
                     check_finite=True,
                     norms=norms,
                 )

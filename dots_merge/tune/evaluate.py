@@ -19,7 +19,7 @@ from dots_merge.tune.candidate import ResidentCandidate
 from dots_merge.tune.generation import load_tokenizer, scored_prompt
 from dots_merge.tune.loop import TrialFailed
 from dots_merge.tune.objectives import make_objectives, nonfinite_reason, score
-from dots_merge.tune.plan import Plan, ceiling_recipe
+from dots_merge.tune.plan import Plan, ceiling_recipe, floor_recipe
 from dots_merge.tune.run_folder import trial_path
 from dots_merge.tune.stores.base import Trial
 from dots_merge.tune.vectors import VectorStore
@@ -59,6 +59,7 @@ class TrialEvaluator:
                               spill_budget=settings.get("cache_budget_bytes"), salt=salt)  # fmt: skip
         self.candidate = ResidentCandidate(recipe, checkpoints, device=device, vectors=vectors,
                                            ceiling=ceiling_recipe(recipe, spec) if spec.space else None,
+                                           floor=floor_recipe(recipe, spec) if spec.space else None,
                                            base_on_device=settings.get("base") == "gpu",
                                            generation=spec.generation, tokenizer=self.tokenizer, settings=settings,
                                            quiet=quiet, trust_remote_code=trust_remote_code)  # fmt: skip

@@ -13,6 +13,7 @@ planned host RAM and run-folder size are within 20 % of the measured peak RSS an
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
@@ -193,24 +194,40 @@ def model_shape(base: Checkpoint, out_bytes: int) -> Shape:
     )
 
 
-def store_bytes(densities: Mapping[tuple[str, str], float], tensors: Mapping[str, Any], loaded_bytes: int) -> int:
-    """Bytes of the compact vector store: per (fine-tune, tensor) a bitmask and the kept values, and at most
-    `histogram_limit` of the first radix histogram (unless dense)."""
-    from dots_merge.core import keep_count
-    from dots_merge.core.compact import histogram_limit
+def store_bytes(
+    ranges: Mapping[tuple[str, str], tuple[float, float]], tensors: Mapping[str, Any], loaded_bytes: int
+) -> int:
+    """Bytes of the compact vector store: per (fine-tune, tensor) and tier (`tier_densities` of its density range)
+    a bitmask, the kept values and at most `moments_limit` of bin moments; a dense entry keeps its values only."""
+    from dots_merge.core import keep_count, tier_densities
+    from dots_merge.core.compact import moments_limit
 
     total = 0
-    for (_, name), density in densities.items():
+    for (_, name), (low, high) in ranges.items():
         info = tensors.get(name)
         if info is None:
             continue
-        k = keep_count(density, info.numel)
-        if k < info.numel:  # dense entries keep neither a bitmask nor a histogram
-            entry = (info.numel + 7) // 8 + k * loaded_bytes
-            total += entry + histogram_limit(entry)
-        else:
-            total += k * loaded_bytes
+        if keep_count(high, info.numel) >= info.numel:
+            total += info.numel * loaded_bytes
+            continue
+        before = 0
+        for density in tier_densities(low, high, info.numel):
+            k = keep_count(density, info.numel)
+            entry = (info.numel + 7) // 8 + (k - before) * loaded_bytes
+            total += entry + moments_limit(entry)
+            before = k
     return total
+
+
+def largest_tier(ranges: Mapping[tuple[str, str], tuple[float, float]], numel: int) -> float:
+    """The largest share of a `numel`-entry tensor one tier of the store holds (what a new density reads)."""
+    from dots_merge.core import keep_count, tier_densities
+
+    share = 0.0
+    for low, high in set(ranges.values()):
+        counts = [0] + [keep_count(d, numel) for d in tier_densities(low, high, numel)]
+        share = max(share, max(b - a for a, b in itertools.pairwise(counts)) / max(numel, 1))
+    return share
 
 
 def generation_bytes(shape: Shape, *, sequences: int, prompt: int, new_tokens: int, act_bytes: int) -> int:
@@ -271,11 +288,11 @@ def make_plan(
     host_memory: int | None = None,
     disk_free: int | None = None,
     cache_budget: int | None = None,
-    densities: Mapping[tuple[str, str], float] | None = None,
+    ranges: Mapping[tuple[str, str], tuple[float, float]] | None = None,
 ) -> Plan:
     """The plan of tuning `recipe` on `device` (cpu or cuda[:N]); see the module docstring.
 
-    `densities` is the (fine-tune, tensor) → largest density map of the run's ceiling plan (`ceiling_densities`);
+    `ranges` maps (fine-tune, tensor) to the lowest and highest density the run asks of it (`density_ranges`);
     `prompt_tokens` the longest chat-templated query. Availability is detected unless given."""
     from dots_merge.merge.driver import output_dtype
 
@@ -300,8 +317,8 @@ def make_plan(
     parts.append(Part("resident model", dev, shape.model_bytes, f"{shape.params / 1e9:.2f}B parameters"))
     update = (4 + out_bytes) * shape.largest  # float32 result + its cast, largest tensor
     build = (4 + loaded) * shape.largest  # τ in float32 + the fine-tune's tensor while an entry is compressed
-    top = max((densities or {}).values(), default=0.0)
-    select = int(8 * top * shape.largest) * (1 if gpu else 2)  # τ and |τ| of the kept entries; CPU: 2 at once
+    tier = largest_tier(ranges or {}, shape.largest)
+    select = int(8 * tier * shape.largest) * (1 if gpu else 2)  # τ and |τ| of one tier's entries; CPU: 2 at once
     if gpu:  # the result buffer goes back to the allocator before sampling
         parts.append(Part("update: result and its cast", dev, update, "largest tensor", "update"))
     else:  # kept between trials (a fresh one would page-fault every trial)
@@ -309,7 +326,7 @@ def make_plan(
         parts.append(Part("update: cast of the result", dev, out_bytes * shape.largest, "largest tensor", "update"))
     parts.append(Part("update: store build", dev, build, "first trial, largest tensor", "update"))
     parts.append(Part("update: selection of a new density", dev, select, "largest tensor", "update"))
-    store = store_bytes(densities or {}, base.tensors or {}, loaded)
+    store = store_bytes(ranges or {}, base.tensors or {}, loaded)
 
     # generation: the batch that fits the device's share
     batch = g.batch_size
@@ -438,19 +455,26 @@ def _per_param(store: int, params: int) -> str:
     return f"{store / params:.3f}" if params else "0"
 
 
-def ceiling_densities(
+def density_ranges(
     recipe: Recipe, spec: TuneSpec, checkpoints: Mapping[str, Checkpoint]
-) -> dict[tuple[str, str], float]:
-    """(fine-tune, tensor) → the largest density the run can ask of it (each searched density at its `high`)."""
-    from mergekit.options import MergeOptions
-
+) -> dict[tuple[str, str], tuple[float, float]]:
+    """(fine-tune, tensor) → the lowest and the largest density the run can ask of it (each searched density at
+    its `low` and its `high`)."""
     from dots_merge.core import METHOD_NAME
-    from dots_merge.merge.driver import plan_tasks, with_output_dtype
 
     if recipe.method != METHOD_NAME:
         return {}
-    top = ceiling_recipe(recipe, spec)
-    _, _, _, targets = plan_tasks(with_output_dtype(top, checkpoints), MergeOptions())
+    top = _densities(ceiling_recipe(recipe, spec), checkpoints)
+    bottom = _densities(floor_recipe(recipe, spec), checkpoints)
+    return {key: (bottom.get(key, high), high) for key, high in top.items()}
+
+
+def _densities(recipe: Recipe, checkpoints: Mapping[str, Checkpoint]) -> dict[tuple[str, str], float]:
+    from mergekit.options import MergeOptions
+
+    from dots_merge.merge.driver import plan_tasks, with_output_dtype
+
+    _, _, _, targets = plan_tasks(with_output_dtype(recipe, checkpoints), MergeOptions())
     out = {}
     for task, weight in targets.items():
         params = getattr(task, "input_parameters", None) or {}
@@ -463,6 +487,11 @@ def ceiling_densities(
 def ceiling_recipe(recipe: Recipe, spec: TuneSpec) -> Recipe:
     """The recipe with every searched density at the top of its range."""
     return trial_recipe(recipe, spec.space, [d.high if d.param == "density" else 1.0 for d in spec.space])
+
+
+def floor_recipe(recipe: Recipe, spec: TuneSpec) -> Recipe:
+    """The recipe with every searched density at the bottom of its range."""
+    return trial_recipe(recipe, spec.space, [d.low if d.param == "density" else 1.0 for d in spec.space])
 
 
 def longest_prompt(tokenizer, prompts: Sequence[str]) -> int:
@@ -529,7 +558,7 @@ def plan_tune(
         host_memory=host_memory,
         disk_free=disk_free,
         cache_budget=cache_budget,
-        densities=ceiling_densities(recipe, spec, checkpoints),
+        ranges=density_ranges(recipe, spec, checkpoints),
     )
 
 

@@ -1,10 +1,11 @@
 """The sparse vector store of a tune: S(τ) of each (fine-tune, tensor) computed once, kept compact and exact.
 
-Each entry is a `CompactVector` (`dots_merge.core.compact`): a bitmask of the positions kept at the largest
-density the search can ask for that tensor (its ceiling) plus the fine-tune's values there, in the dtype they were
-loaded in. Any lower density is taken from it exactly (same entries, same tie rule as the merge), so a trial
-with a new density recomputes nothing from the checkpoints and stores nothing new but a few numbers per tensor:
-the selection within the entry and ‖S_k(τ)‖².
+Each entry is a `CompactVector` (`dots_merge.core.compact`): the positions kept at the largest density the search
+can ask for that tensor (its ceiling) plus the fine-tune's values there, in the dtype they were loaded in, split in
+two tiers of |τ| at the middle of the searched range (`tier_densities`). Any lower density is taken from it exactly
+(same entries, same tie rule as the merge) by reading one tier, so a trial with a new density recomputes nothing
+from the checkpoints and stores nothing new but a few numbers per tensor: the selection within the entry and
+‖S_k(τ)‖².
 
 Entries live in host memory while they fit in `budget` bytes, least recently used evicted first; an evicted
 one is written to `spill_dir` (RUN_DIR/cache/vectors during a tune) while the spill stays within `spill_budget`
@@ -31,17 +32,19 @@ from safetensors.torch import save_file
 
 from dots_merge.core import (
     CompactVector,
-    TopK,
+    Tier,
+    Within,
     compress,
     keep_count,
     select_within,
     sparse_chunks_of,
+    tier_densities,
 )
 from dots_merge.faults import fault_point
 from dots_merge.fileio import disk_full_is_an_error
 
-CACHE_VERSION = 3  # in the names of spilled files; 2: compact vectors (bitmask + fine-tune values); 3: sparse histogram
-EntryKey = tuple[str, str, str, bool, str]  # (model, tensor, loaded dtype, norms taken, ceiling density)
+CACHE_VERSION = 4  # in the names of spilled files; 2: compact vectors; 3: sparse histogram; 4: tiers, bin moments
+EntryKey = tuple[str, str, str, bool, str]  # (model, tensor, loaded dtype, norms taken, tier densities as "0.35,0.6")
 
 
 @dataclass
@@ -49,7 +52,7 @@ class StoredVector:
     """S_k(τ) of one tensor, ready to stream: its compact entry, the top-k within it, and the base it needs."""
 
     compact: CompactVector
-    within: TopK
+    within: Within
     base: torch.Tensor
     kept_norm: float  # ‖S_k(τ)‖² (NaN when the entry was asked without norms)
 
@@ -80,7 +83,7 @@ class VectorStore:
         self._in_use: set[EntryKey] = set()  # what the current trial uses: never evicted during it
         self._spilled: OrderedDict[EntryKey, tuple[Path, int]] = OrderedDict()
         self._disk = 0
-        self._within: dict[tuple[EntryKey, int], tuple[TopK, float]] = {}  # by entry and k
+        self._within: dict[tuple[EntryKey, int], tuple[Within, float]] = {}  # by entry and k
         self.builds = 0  # entries computed from the checkpoints (a resumed run with its spill computes fewer)
         self.peak_bytes = 0  # the most host memory the entries took at once
         self.peak_disk = 0
@@ -100,13 +103,18 @@ class VectorStore:
         density: float,
         *,
         ceiling: float,
+        floor: float | None = None,
         check_finite: bool,
         norms: bool,
     ) -> StoredVector:
-        """S(τ) of `tensor` at `density` (≤ `ceiling`, the largest density this run asks of it)."""
+        """S(τ) of `tensor` at `density`, from an entry serving [`floor`, `ceiling`] (the run's range for it;
+        `floor` None: only the ceiling and what lies below it, in one tier)."""
         n = base.numel()  # a density whose k would be below 1 keeps the tensor dense: it may need more than the ceiling
-        top = ceiling if keep_count(ceiling, n) >= keep_count(density, n) else density
-        key: EntryKey = (model, tensor, str(base.dtype), norms, repr(float(top)))
+        if keep_count(ceiling, n) < keep_count(density, n):
+            tiers: tuple[float, ...] = (float(density),)
+        else:
+            tiers = tier_densities(float(ceiling if floor is None else floor), float(ceiling), n)
+        key: EntryKey = (model, tensor, str(base.dtype), norms, ",".join(repr(d) for d in tiers))
         with self._lock:  # entries are built and evicted one at a time; selections below may run in parallel
             compact = self._entry(key, base, load_tuned, check_finite=check_finite)
         k_key = (key, keep_count(density, base.numel()))
@@ -146,7 +154,8 @@ class VectorStore:
             return self._read(*self._spilled[key])
         fault_point("prepass")  # the tune's whole-model pass: the store is built on the first trial
         tuned = load_tuned().to(self.device)
-        compact = compress(base.to(self.device), tuned, float(key[4]), check_finite=check_finite, norms=key[3])
+        tiers = [float(d) for d in key[4].split(",")]
+        compact = compress(base.to(self.device), tuned, tiers, check_finite=check_finite, norms=key[3])
         self.builds += 1
         self._keep(key, compact)
         return compact
@@ -180,12 +189,15 @@ class VectorStore:
             self._disk -= stale_size
         path = self.spill_dir / f"{self._name(key)}.safetensors"
         partial = path.with_suffix(".partial")
-        tensors = {"values": compact.values.contiguous()}
-        if compact.mask is not None:
-            tensors["mask"] = compact.mask
-        if compact.high_histogram is not None:
-            tensors["high_histogram"] = compact.high_histogram
-        meta = {"key": json.dumps(list(key)), "numel": str(compact.numel), "kept": str(compact.kept),
+        tensors = {}
+        for j, tier in enumerate(compact.tiers):
+            tensors[f"values.{j}"] = tier.values.contiguous()
+            if tier.mask is not None:
+                tensors[f"mask.{j}"] = tier.mask
+            if tier.moments is not None:
+                tensors[f"moments.{j}"] = tier.moments
+        tiers = [[t.kept, None if t.square_units is None else str(t.square_units)] for t in compact.tiers]
+        meta = {"key": json.dumps(list(key)), "numel": str(compact.numel), "tiers": json.dumps(tiers),
                 "squared_norm": repr(compact.squared_norm)}  # fmt: skip
         with disk_full_is_an_error(self.spill_dir, "spilling task vectors that do not fit in memory"):
             try:
@@ -208,10 +220,13 @@ class VectorStore:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
             names = set(f.keys())
-            mask = f.get_tensor("mask") if "mask" in names else None
-            hist = f.get_tensor("high_histogram") if "high_histogram" in names else None
-            values = f.get_tensor("values")
-        return CompactVector(int(meta["numel"]), int(meta["kept"]), mask, values, float(meta["squared_norm"]), hist)
+            tiers = []
+            for j, (kept, units) in enumerate(json.loads(meta["tiers"])):
+                mask = f.get_tensor(f"mask.{j}") if f"mask.{j}" in names else None
+                moments = f.get_tensor(f"moments.{j}") if f"moments.{j}" in names else None
+                tiers.append(Tier(kept, mask, f.get_tensor(f"values.{j}"), None if units is None else int(units),
+                                  moments))  # fmt: skip
+        return CompactVector(int(meta["numel"]), tiers, float(meta["squared_norm"]))
 
     def _adopt_spill(self) -> None:
         """Take over the entries a previous session of this run spilled (same weights: same names), oldest first;
