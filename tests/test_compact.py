@@ -7,7 +7,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from dots_merge.core import compress, keep_count, select_within, sparse_chunks_of, sparse_task_vector
+from dots_merge.core import compress, keep_count, select_within, sparse_chunks_of, sparse_task_vector, tier_densities
 from dots_merge.core.compact import pack_bits, unpack_bits
 from dots_merge.core.squares import square_units, units_to_float
 from dots_merge.core.topk import chunk_spans
@@ -133,3 +133,10 @@ def test_the_gpu_code_of_the_exact_sums_gives_the_cpu_numbers():
     squares.add_moments_(on_cpu, bits)
     assert torch.equal(on_gpu, on_cpu)
     assert squares.rows_units(squares.moment_rows(on_cpu)) == square_units(x)
+
+
+def test_tiers_split_the_searched_range_at_its_middle():
+    assert tier_densities(0.1, 0.6, 1000) == (0.35, 0.6)
+    assert tier_densities(0.6, 0.6, 1000) == (0.6,)  # a fixed density: one tier
+    assert tier_densities(0.001, 0.01, 100) == (0.01,)  # the middle would keep no entry (k < 1 counts as dense)
+    assert tier_densities(0.3, 0.31, 10) == (0.31,)  # the middle keeps as many as the top

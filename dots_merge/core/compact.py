@@ -14,7 +14,8 @@ A lower k is taken inside the tiers: the top-k under the tie rule is a prefix of
 before the one where k falls, plus the top-(k − what those hold) of that tier's entries in flat order. A new
 density's selection therefore reads one tier, not every kept entry, and ‖S_k(τ)‖² is the exact sum of the whole
 tiers before it plus what it keeps of that tier (from the bin moments and the second radix pass's histogram, with
-no pass over the entries) — the same integer the merge sums over the kept entries, rounded once. `sparse_chunks_of` yields S_k(τ) over `chunk_spans` with the same values as `sparse_task_vector(...).values`.
+no pass over the entries) — the same integer the merge sums over the kept entries, rounded once.
+`sparse_chunks_of` yields S_k(τ) over `chunk_spans` with the same values as `sparse_task_vector(...).values`.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def tier_densities(low: float, high: float, numel: int) -> tuple[float, ...]:
     A density in the lower half then reads the first tier, one in the upper half the second."""
     top = keep_count(high, numel)
     middle = (low + high) / 2
-    if low < high and math.floor(middle * numel) >= 1 and keep_count(middle, numel) < top:
+    if low < high and keep_count(middle, numel) < top:  # (a k below 1 counts as dense: never below the top)
         return (middle, high)
     return (high,)
 

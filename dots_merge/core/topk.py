@@ -99,23 +99,8 @@ def select_topk(tau: torch.Tensor, k: int, *, high_histogram: torch.Tensor | Non
     if flat.dtype != torch.float32:
         raise TypeError("select_topk expects a float32 tensor")
     spans = list(chunk_spans(flat.numel(), flat.device))
-    return select_topk_chunks(lambda: (flat[sl] for sl in spans), k, flat.numel(), flat.device,
-                              high_histogram=high_histogram)  # fmt: skip
-
-
-def select_topk_chunks(
-    chunks: Callable[[], Iterable[torch.Tensor]],
-    k: int,
-    n: int,
-    device: torch.device,
-    *,
-    high_histogram: torch.Tensor | None = None,
-    as_bits: bool = False,
-) -> TopK:
-    """`select_topk` over a float32 vector of `n` entries given as consecutive chunks, in flat order;
-    `chunks()` is called once per radix pass, so the vector never needs to exist whole. With `as_bits` the
-    chunks are already `magnitude_bits` of the vector."""
-    return radix_select(chunks, k, n, device, high_histogram=high_histogram, as_bits=as_bits)[0]
+    return radix_select(lambda: (flat[sl] for sl in spans), k, flat.numel(), flat.device,
+                        high_histogram=high_histogram)[0]  # fmt: skip
 
 
 def radix_select(
@@ -127,8 +112,10 @@ def radix_select(
     high_histogram: torch.Tensor | None = None,
     as_bits: bool = False,
 ) -> tuple[TopK, int, torch.Tensor | None]:
-    """`select_topk_chunks`, with the threshold's high bin and the second pass's histogram (the low 16 bits of the
-    entries in that bin; None when every entry is kept)."""
+    """`select_topk` over a float32 vector of `n` entries given as consecutive chunks, in flat order, with the
+    threshold's high bin and the second pass's histogram (the low 16 bits of the entries in that bin; None when
+    every entry is kept). `chunks()` is called once per radix pass, so the vector never needs to exist whole.
+    With `as_bits` the chunks are already `magnitude_bits` of the vector."""
     if n == 0 or k >= n:
         return TopK(k=n, numel=n), -1, None
     if k < 1:
