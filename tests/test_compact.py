@@ -118,6 +118,12 @@ def test_square_units_is_the_exact_sum_in_any_grouping():
     assert Fraction(square_units(x), 1 << 300) == exact
     assert units_to_float(square_units(x)) == float(exact)
     assert square_units(x[:1234]) + square_units(x[1234:]) == square_units(x.flip(0))
+    signs = torch.where(torch.rand(3000, generator=g) < 0.5, -1.0, 1.0)
+    one_binade = signs * (1 + torch.rand(3000, generator=g))  # three float64 dot products
+    twelve = signs * torch.exp2(torch.rand(3000, generator=g) * 12)  # int64 sums
+    subnormal = torch.cat([torch.tensor([1e-45, 3e-39, 0.0]), torch.exp2(-112 - 12 * torch.rand(100, generator=g))])
+    for v in (one_binade, twelve, subnormal, torch.cat([one_binade, torch.tensor([1e30])])):  # int64 sums; per exponent
+        assert Fraction(square_units(v), 1 << 300) == sum(Fraction(t) ** 2 for t in v.tolist())
 
 
 def test_the_gpu_code_of_the_exact_sums_gives_the_cpu_numbers():

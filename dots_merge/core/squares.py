@@ -2,8 +2,9 @@
 
 A finite float32 x is m · 2^(e−150) with an integer m < 2^24 and e' = max(biased exponent, 1), so x² is the
 integer m² · 2^(2e') in units of 2^-300. Summing those integers is exact in any order and in any grouping: the
-merge sums the kept entries tensor by tensor, the tune's vector store sums them tier by tier and subtracts what
-a lower density drops, and both round the same integer to the same float64 once (`units_to_float`).
+merge sums the kept entries tensor by tensor (`square_units`), the tune's vector store from per-tier sums and the
+moments of radix bins (`rows_units`, `bin_units`), and both round the same integer to the same float64 once
+(`units_to_float`). The int64 sums below hold for tensors of fewer than 2^31 entries.
 """
 
 from __future__ import annotations
@@ -22,16 +23,52 @@ def square_units(x: torch.Tensor) -> int:
         raise TypeError("square_units expects float32")
     if flat.numel() == 0:
         return 0
-    if flat.device.type == "cpu":
-        high, low = _groups_numpy(flat.view(torch.int32).numpy())
-    else:
+    exponent = (flat.view(torch.int32) & 0x7FFFFFFF) >> 23
+    lowest, highest = max(int(exponent.min()), 1), int(exponent.max())
+    span = 2 * (highest - lowest) + flat.numel().bit_length()  # bits a sum of n shifted squares spans, less 24
+    if span + 24 <= 53:
+        return _units_split(flat)
+    if flat.device.type != "cpu":
         high, low = _groups_torch(flat.view(torch.int32))
+    else:
+        bits = flat.view(torch.int32).numpy() & 0x7FFFFFFF
+        if span + 24 <= 63:
+            return _units_narrow(bits, bits >> 23, lowest)
+        high, low = _groups_numpy(bits)
     return sum(((high[e] << 24) + low[e]) << (2 * e) for e in range(256) if high[e] or low[e])
+
+
+def _units_split(flat: torch.Tensor) -> int:
+    """`square_units` by three float64 dot products: x = x_h + x_l with 12 significant bits each, so x_h², x_h·x_l
+    and x_l² have 24 bits, and when n of them shifted to the lowest binade fit in 53 bits every partial sum is
+    exact, in whatever order the dot adds them."""
+    high = (flat.view(torch.int32) & ~0xFFF).view(torch.float32)
+    h, low = high.double(), (flat - high).double()
+    return _to_units(torch.dot(h, h)) + 2 * _to_units(torch.dot(h, low)) + _to_units(torch.dot(low, low))
+
+
+def _to_units(value: torch.Tensor) -> int:
+    numerator, denominator = float(value).as_integer_ratio()  # a multiple of 2^-300: the division is exact
+    return numerator * ((1 << UNIT_SHIFT) // denominator)
+
+
+def _units_narrow(bits: np.ndarray, exponent: np.ndarray, lowest: int) -> int:
+    """`square_units` when the exponents span few enough binades that m² shifted to the lowest one, split in two
+    24-bit halves, sums in int64 without overflow (kept entries of a tensor: typically a few binades)."""
+    mantissa = (bits & 0x7FFFFF) | ((exponent > 0).astype(np.int32) << 23)
+    np.maximum(exponent, 1, out=exponent)
+    shift = (exponent - lowest).astype(np.int64)
+    shift <<= 1
+    square = mantissa.astype(np.int64)
+    square *= square
+    high = (square >> 24) << shift
+    square &= _LOW
+    square <<= shift
+    return ((int(high.sum()) << 24) + int(square.sum())) << (2 * lowest)
 
 
 def _groups_numpy(bits: np.ndarray) -> tuple[list[int], list[int]]:
     """Per exponent e': Σ of the high and low 24 bits of m² (each a float64 sum of integers below 2^53: exact)."""
-    bits = bits & 0x7FFFFFFF
     exponent = bits >> 23
     mantissa = (bits & 0x7FFFFF) | ((exponent > 0).astype(np.int32) << 23)
     np.maximum(exponent, 1, out=exponent)
@@ -71,14 +108,15 @@ def empty_moments(device: torch.device) -> torch.Tensor:
 
 def add_moments_(moments: torch.Tensor, bits: torch.Tensor) -> None:
     """Add a chunk of |x| as int32 bit patterns (`magnitude_bits`) into `moments`."""
-    if bits.device.type == "cpu":  # float64 weights sum integers below 2^53 exactly for a chunk of ≤ 2^21 entries
-        b = bits.numpy()
+    if bits.device.type != "cpu":
+        _add_moments_torch(moments, bits)
+        return
+    for start in range(0, bits.numel(), 1 << 21):  # float64 weights sum integers below 2^53 exactly: ≤ 2^21 at once
+        b = bits[start : start + (1 << 21)].numpy()
         high, low = b >> 16, (b & 0xFFFF).astype(np.float64)
         moments[0] += torch.from_numpy(np.bincount(high, minlength=BINS))
         moments[1] += torch.from_numpy(np.bincount(high, weights=low, minlength=BINS).astype(np.int64))
         moments[2] += torch.from_numpy(np.bincount(high, weights=low * low, minlength=BINS).astype(np.int64))
-    else:
-        _add_moments_torch(moments, bits)
 
 
 def _add_moments_torch(moments: torch.Tensor, bits: torch.Tensor) -> None:
