@@ -55,25 +55,27 @@ def _to_units(value: torch.Tensor) -> int:
 def _units_narrow(bits: np.ndarray, exponent: np.ndarray, lowest: int) -> int:
     """`square_units` when the exponents span few enough binades that m² shifted to the lowest one, split in two
     24-bit halves, sums in int64 without overflow (kept entries of a tensor: typically a few binades)."""
-    mantissa = (bits & 0x7FFFFF) | ((exponent > 0).astype(np.int32) << 23)
-    np.maximum(exponent, 1, out=exponent)
+    exponent, square = _squared_mantissas(bits, exponent)
     shift = (exponent - lowest).astype(np.int64)
     shift <<= 1
-    square = mantissa.astype(np.int64)
-    square *= square
     high = (square >> 24) << shift
     square &= _LOW
     square <<= shift
     return ((int(high.sum()) << 24) + int(square.sum())) << (2 * lowest)
 
 
-def _groups_numpy(bits: np.ndarray) -> tuple[list[int], list[int]]:
-    """Per exponent e': Σ of the high and low 24 bits of m² (each a float64 sum of integers below 2^53: exact)."""
-    exponent = bits >> 23
+def _squared_mantissas(bits: np.ndarray, exponent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """e' = max(e, 1) (in place of `exponent`) and m² as int64, from |x| as int32 bit patterns."""
     mantissa = (bits & 0x7FFFFF) | ((exponent > 0).astype(np.int32) << 23)
     np.maximum(exponent, 1, out=exponent)
     square = mantissa.astype(np.int64)
     square *= square
+    return exponent, square
+
+
+def _groups_numpy(bits: np.ndarray) -> tuple[list[int], list[int]]:
+    """Per exponent e': Σ of the high and low 24 bits of m² (each a float64 sum of integers below 2^53: exact)."""
+    exponent, square = _squared_mantissas(bits, bits >> 23)
     high = np.bincount(exponent, weights=(square >> 24).astype(np.float64), minlength=256)
     low = np.bincount(exponent, weights=(square & _LOW).astype(np.float64), minlength=256)
     return high.astype(np.int64).tolist(), low.astype(np.int64).tolist()

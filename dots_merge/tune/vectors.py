@@ -116,7 +116,7 @@ class VectorStore:
             tiers = tier_densities(float(ceiling if floor is None else floor), float(ceiling), n)
         key: EntryKey = (model, tensor, str(base.dtype), norms, ",".join(repr(d) for d in tiers))
         with self._lock:  # entries are built and evicted one at a time; selections below may run in parallel
-            compact = self._entry(key, base, load_tuned, check_finite=check_finite)
+            compact = self._entry(key, tiers, base, load_tuned, check_finite=check_finite)
         k_key = (key, keep_count(density, base.numel()))
         if k_key not in self._within:
             self._within[k_key] = select_within(compact, base, density, self.device, norm=norms)
@@ -144,7 +144,7 @@ class VectorStore:
 
     # -- entries ---------------------------------------------------------------------------------------------
 
-    def _entry(self, key: EntryKey, base, load_tuned, *, check_finite: bool) -> CompactVector:
+    def _entry(self, key: EntryKey, tiers: tuple[float, ...], base, load_tuned, *, check_finite: bool) -> CompactVector:
         self._in_use.add(key)
         if key in self._kept:
             self._kept.move_to_end(key)
@@ -154,7 +154,6 @@ class VectorStore:
             return self._read(*self._spilled[key])
         fault_point("prepass")  # the tune's whole-model pass: the store is built on the first trial
         tuned = load_tuned().to(self.device)
-        tiers = [float(d) for d in key[4].split(",")]
         compact = compress(base.to(self.device), tuned, tiers, check_finite=check_finite, norms=key[3])
         self.builds += 1
         self._keep(key, compact)
