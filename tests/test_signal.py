@@ -405,7 +405,7 @@ def test_the_validation_pick_and_what_the_correlations_say(llama_trio, tmp_path)
     knee = _summary(records, dataclasses.replace(spec, pick="knee"), objectives)
     assert knee["pick"] == 1
     chosen = _summary(records, spec, objectives, scored)
-    assert chosen["pick"] == 2  # best accuracy 0.6, tied with #3: the knee's order breaks the tie
+    assert chosen["pick"] == 2  # best accuracy 0.6, tied with #3: the label-free (utopia) order breaks the tie
     summary = _validation_summary(spec, objectives, records, scored)
     assert summary["spearman"]["consistency"] < 0 and summary["spearman"]["perplexity"] < 0
     # accuracy rises as consistency falls (not to be trusted) and as perplexity falls (to be trusted)

@@ -49,7 +49,7 @@ def test_a_five_trial_run_writes_every_file(llama_trio, tmp_path, capsys):
     recipe = write_recipe(tmp_path / "recipe.yml", tune_recipe(llama_trio, tmp_path))
     run = tmp_path / "run"
     assert run_tune(str(recipe), "--out", str(run)) == 0
-    assert "pick (knee): trial #" in capsys.readouterr().out
+    assert "pick (utopia): trial #" in capsys.readouterr().out
     assert sorted(p.name for p in (run / "trials").iterdir()) == [f"{i:04d}.yml" for i in range(5)]
     records = [json.loads(line) for line in (run / "trials.jsonl").read_text().splitlines()]
     assert [r["number"] for r in records] == list(range(5))
@@ -65,7 +65,7 @@ def test_a_five_trial_run_writes_every_file(llama_trio, tmp_path, capsys):
     assert sft["parameters"]["weight"][0]["filter"] == "self_attn"
     assert sft["parameters"]["weight"][1] == {"value": records[1]["point"][0]}
     pareto = json.loads((run / "pareto.json").read_text())
-    assert pareto["pick"] in pareto["front"] and pareto["rule"] == "knee"
+    assert pareto["pick"] in pareto["front"] and pareto["rule"] == "utopia"
     assert pareto["hypervolume"] > 0 and set(pareto["reference_point"]) == {"consistency", "perplexity"}
     assert (run / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert (run / "best.yml").read_text() == (run / "trials" / f"{pareto['pick']:04d}.yml").read_text()

@@ -96,7 +96,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="seed (default: tune.seed)")
     p.add_argument("--backend", choices=["bayes", "optuna", "random"], help="search backend (default: tune.backend)")
     p.add_argument("--pick", metavar="RULE",
-                   help="pick rule: knee, utopia, validation (needs tune.validation), or max_/min_ an objective "
+                   help="pick rule: utopia, knee, validation (needs tune.validation), or max_/min_ an objective "
                         "(e.g. max_consistency) (default: tune.pick)")  # fmt: skip
     p.add_argument("--strict", action="store_true",
                    help="stop with an error where the samples make the label-free signal doubtful (truncation, no "

@@ -53,7 +53,7 @@ def recipe_data(root: Path, *, trials: int, samples: int, seed: int) -> dict[str
             "queries": "queries.jsonl",
             "trials": trials,
             "seed": seed,
-            "pick": "knee",
+            "pick": "utopia",
             "generation": {
                 "samples": samples,
                 "temperature": 0.6,

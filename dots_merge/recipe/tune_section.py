@@ -17,7 +17,8 @@ from dots_merge.errors import RecipeError
 from dots_merge.recipe.recipe import Recipe, model_entries, model_name
 
 BACKENDS = ("bayes", "optuna", "random")
-PICK_RULES = ("knee", "utopia", "validation")  # and max_NAME / min_NAME: the best front point by one objective
+PICK_RULES = ("utopia", "knee", "validation")  # and max_NAME / min_NAME: the best front point by one objective
+DEFAULT_PICK = "utopia"  # the label-free rule: the default, and the order `validation` breaks ties in
 EXTREME_RULE = re.compile(r"(max|min)_([a-z][a-z0-9_]*)")
 DEFAULT_OBJECTIVES = ("consistency", "perplexity")
 PERPLEXITY_OVER = ("query", "templated")
@@ -99,7 +100,7 @@ class TuneSpec:
     trials: int = 40
     seed: int = 0
     backend: str = "bayes"
-    pick: str = "knee"
+    pick: str = DEFAULT_PICK
     generation: Generation = field(default_factory=Generation)
     prompt_suffix: str = DEFAULT_SUFFIX
     answer: str = "auto"
@@ -187,7 +188,7 @@ def parse_tune(recipe: Recipe, *, load_queries: bool = True) -> TuneSpec:
     if backend not in BACKENDS:
         _fail(src, "tune.backend", f"must be one of {', '.join(BACKENDS)}, got {backend!r}")
     objectives = _objectives(src, raw.get("objectives", list(DEFAULT_OBJECTIVES)))
-    pick = raw.get("pick", "knee")
+    pick = raw.get("pick", DEFAULT_PICK)
     check_pick(pick, objectives, where=f"{src}: tune.pick")
     validation = _validation(src, raw.get("validation"), base_dir) if load_queries else None
     if pick == "validation" and raw.get("validation") is None:

@@ -108,7 +108,7 @@ def utopia_distances(
 
 def rule_order(
     points: Sequence[Point],
-    rule: str = "knee",
+    rule: str = "utopia",
     directions: Sequence[str] = MAX_MIN,
     names: Sequence[str] = DEFAULT_NAMES,
     resolution: Sequence[float] | None = None,
@@ -137,7 +137,7 @@ def rule_order(
 
 def pick(
     points: Sequence[Point],
-    rule: str = "knee",
+    rule: str = "utopia",
     directions: Sequence[str] = MAX_MIN,
     names: Sequence[str] = DEFAULT_NAMES,
     resolution: Sequence[float] | None = None,
@@ -145,10 +145,10 @@ def pick(
     """Index of the point chosen by `rule` among the non-dominated points of `points`.
 
     Objectives are normalised by their range over the front, or by their `resolution` (the smallest difference
-    worth acting on, per objective) where that is larger. knee: the front point farthest from the hyperplane
-    through the front's extremes (with two objectives, the line through the two ends); when the front has fewer
-    points than objectives + 1, its extremes do not span a hyperplane or no point bulges out by KNEE_MIN,
-    utopia. utopia: nearest to the ideal point. max_NAME / min_NAME: the best
-    front point by that objective. Ties go to the lower index.
+    worth acting on, per objective) where that is larger. utopia (the default): nearest to the ideal point.
+    knee: the front point farthest from the hyperplane through the front's extremes (with two objectives, the
+    line through the two ends); when the front has fewer points than objectives + 1, its extremes do not span a
+    hyperplane or no point bulges out by KNEE_MIN, utopia. max_NAME / min_NAME: the best front point by that
+    objective. Ties go to the lower index.
     """
     return rule_order(points, rule, directions, names, resolution)[0]

@@ -26,6 +26,7 @@ from dots_merge.errors import DotsMergeError, Interrupted, RecipeError
 from dots_merge.fileio import write_atomic
 from dots_merge.interrupts import interrupts_stop_the_run
 from dots_merge.recipe import Recipe
+from dots_merge.recipe.tune_section import DEFAULT_PICK
 from dots_merge.tune.generation import require_tokenizer
 from dots_merge.tune.identity import fingerprints, portable_identity, run_identity
 from dots_merge.tune.objectives import (
@@ -99,9 +100,9 @@ def _summary(records: list[dict[str, Any]], spec, objectives: list[Objective],
     numbers = [r["number"] for r in records]
     idx = front(points, directions)
     if spec.pick == "validation":
-        order = rule_order(points, "knee", directions, names, _resolution(records, spec, names))
+        order = rule_order(points, DEFAULT_PICK, directions, names, _resolution(records, spec, names))
         best = max(scored[numbers[i]]["majority"] for i in order)
-        chosen = next(i for i in order if scored[numbers[i]]["majority"] == best)  # ties: the knee's order
+        chosen = next(i for i in order if scored[numbers[i]]["majority"] == best)  # ties: the label-free order
     else:
         chosen = _pick(records, spec, objectives, spec.pick)
     ref = reference_point(points, objectives)
@@ -375,7 +376,7 @@ def _run(spec, objectives: list[Objective], store: TrialStore, evaluator: _Evalu
     log.phase(f"trials: {len(store.records())} of {store.budget} finished")
     progress = tqdm.tqdm(total=store.budget, initial=len(store.records()), desc="Tuning", unit="trial", disable=quiet)
     names = [o.name for o in objectives]
-    rule = "knee" if spec.pick == "validation" else spec.pick
+    rule = DEFAULT_PICK if spec.pick == "validation" else spec.pick
     checked = False
 
     def show(records: list[dict[str, Any]], last: dict[str, Any]) -> None:
@@ -509,7 +510,7 @@ def _validate(spec, objectives, records, run_dir: Path, evaluator: _Evaluator, *
     directions = [o.direction for o in objectives]
     points = [objective_values(r, objectives) for r in records]
     numbers = [r["number"] for r in records]
-    label_free = "knee" if spec.pick == "validation" else spec.pick
+    label_free = DEFAULT_PICK if spec.pick == "validation" else spec.pick
     wanted = set(numbers) if spec.validation.points == "all" else {numbers[i] for i in front(points, directions)}
     wanted.add(numbers[_pick(records, spec, objectives, label_free)])
     scored = load_scored(run_dir, spec.validation)

@@ -63,22 +63,13 @@ def consistency_noise(per_query: Sequence[float], samples: int) -> float:
     return math.sqrt(sum(c * (1 - c) / samples for c in per_query)) / len(per_query)
 
 
-PERPLEXITY_RESOLUTION = 0.05  # relative: perplexities within 5 % of each other are not told apart by a pick
-
-
 def resolutions(records: Sequence[dict[str, Any]], names: Sequence[str], samples: int) -> list[float]:
     """The smallest difference in each objective a pick should act on: consistency, twice its median sampling
-    noise (the trials' own); perplexity, 5 % of the lowest one; other objectives, 0 (their range decides)."""
-    out = []
-    for name in names:
-        if name == "consistency":
-            noise = [consistency_noise(r["per_query_consistency"], samples) for r in records if "per_query_consistency" in r]
-            out.append(2 * statistics.median(noise) if noise else 0.0)
-        elif name == "perplexity" and records:
-            out.append(PERPLEXITY_RESOLUTION * min(float(r[name]) for r in records))
-        else:
-            out.append(0.0)
-    return out
+    noise (the trials' own); every other objective 0 — perplexity and self-certainty are computed exactly for a
+    candidate, so their range over the front decides, however small."""
+    noise = [consistency_noise(r["per_query_consistency"], samples) for r in records if "per_query_consistency" in r]
+    floor = 2 * statistics.median(noise) if noise else 0.0
+    return [floor if name == "consistency" else 0.0 for name in names]
 
 
 def spread_warning(records: Sequence[dict[str, Any]], samples: int) -> str | None:
