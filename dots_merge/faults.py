@@ -3,8 +3,8 @@
     DOTS_MERGE_FAULTS="generate:3:kill,record:1:int"
 
 kills the process (SIGKILL) the 3rd time it reaches `fault_point("generate")`, or sends it SIGINT the 1st time it
-reaches `fault_point("record")`; `term` sends SIGTERM, and `lost` sends SIGTERM and swallows the KeyboardInterrupt
-it raises, as some C extensions do. Points: load, prepass, ask (before each trial is asked for), generate, record,
+reaches `fault_point("record")`; `term` sends SIGTERM, `lost` sends SIGTERM and swallows the KeyboardInterrupt
+it raises, as some C extensions do, and `sleepS` pauses the process for S seconds (a slow process, to order two). Points: load, prepass, ask (before each trial is asked for), generate, record,
 merge. Without the variable, a point costs one dictionary lookup.
 """
 
@@ -23,8 +23,8 @@ def _parse(text: str) -> dict[str, tuple[int, str]]:
     plan = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, hit, action = item.split(":")
-        if action not in _SIGNALS:
-            raise ValueError(f"DOTS_MERGE_FAULTS: unknown action {action!r} (use {', '.join(_SIGNALS)})")
+        if action not in _SIGNALS and not _seconds(action):
+            raise ValueError(f"DOTS_MERGE_FAULTS: unknown action {action!r} (use {', '.join(_SIGNALS)} or sleepS)")
         plan[name] = (int(hit), action)
     return plan
 
@@ -40,6 +40,9 @@ def fault_point(name: str) -> None:
     hit, action = _plan[name]
     if _hits[name] != hit:
         return
+    if _seconds(action):
+        time.sleep(_seconds(action))
+        return
     if action != "lost":
         os.kill(os.getpid(), _SIGNALS[action])
         return
@@ -48,6 +51,14 @@ def fault_point(name: str) -> None:
         time.sleep(1)
     except KeyboardInterrupt:
         pass
+
+
+def _seconds(action: str) -> float:
+    """S of a `sleepS` action, else 0."""
+    try:
+        return float(action.removeprefix("sleep")) if action.startswith("sleep") else 0.0
+    except ValueError:
+        return 0.0
 
 
 def reset() -> None:

@@ -182,3 +182,25 @@ def test_an_interrupted_trial_is_put_back_and_the_message_says_how_to_resume(lla
     numbers = [0, 2, 3] if fault.startswith("generate") else [0, 1, 2]  # trial 1's recipe was not written yet
     assert [r["number"] for r in records] == numbers and records[1]["point"] == put_back
     assert records[1]["retry_of"] == 1 and (run / "model" / "model.safetensors").exists()
+
+
+def test_a_sleep_fault_pauses_the_process_at_its_point(monkeypatch):
+    import time
+
+    from dots_merge import faults
+
+    monkeypatch.setenv("DOTS_MERGE_FAULTS", "ask:2:sleep0.3")
+    faults.reset()
+    try:
+        started = time.perf_counter()
+        faults.fault_point("ask")  # the 1st time: nothing
+        assert time.perf_counter() - started < 0.2
+        faults.fault_point("ask")  # the 2nd: 0.3 s
+        assert time.perf_counter() - started >= 0.3
+        monkeypatch.setenv("DOTS_MERGE_FAULTS", "ask:1:nap")
+        faults.reset()
+        with pytest.raises(ValueError, match="unknown action 'nap'"):
+            faults.fault_point("ask")
+    finally:
+        monkeypatch.delenv("DOTS_MERGE_FAULTS")
+        faults.reset()

@@ -157,10 +157,12 @@ def slow_recipe(trio, tmp_path: Path, trials: int) -> Path:
     return write_recipe(tmp_path / "recipe.yml", data)
 
 
-def start(recipe: Path, run: Path, storage: str, study: str, *extra: str, stderr=subprocess.PIPE) -> subprocess.Popen:
+def start(recipe: Path, run: Path, storage: str, study: str, *extra: str, stderr=subprocess.PIPE,
+          faults: str = "") -> subprocess.Popen:  # fmt: skip
     cmd = [*CLI, "tune", str(recipe), "--out", str(run), "--storage", storage, "--study", study, "--quiet",
            "--heartbeat", "1", *extra]  # fmt: skip
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    env = {**os.environ, "DOTS_MERGE_FAULTS": faults} if faults else None
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
@@ -211,7 +213,9 @@ def test_a_worker_killed_mid_trial_is_retried(llama_trio, tmp_path, storage):
     deadline = time.time() + 120  # the main process starts once the worker waits for the study (imports done)
     while time.time() < deadline and "waiting for" not in log.read_text() and worker.poll() is None:
         time.sleep(0.05)
-    boss = start(recipe, tmp_path / "main", storage, study, "--no-merge")
+    # the main process starts the study, then waits 15 s before asking for its first trial: the worker takes one
+    # first, however long the two take to load (else the main process may run them all before the worker asks)
+    boss = start(recipe, tmp_path / "main", storage, study, "--no-merge", faults="ask:1:sleep15")
     deadline, victim = time.time() + 120, None
     while time.time() < deadline and victim is None and boss.poll() is None:
         try:
