@@ -4,8 +4,9 @@
 
 kills the process (SIGKILL) the 3rd time it reaches `fault_point("generate")`, or sends it SIGINT the 1st time it
 reaches `fault_point("record")`; `term` sends SIGTERM, `lost` sends SIGTERM and swallows the KeyboardInterrupt
-it raises, as some C extensions do, and `sleepS` pauses the process for S seconds (a slow process, to order two). Points: load, prepass, ask (before each trial is asked for), generate, record,
-merge. Without the variable, a point costs one dictionary lookup.
+it raises, as some C extensions do, and `sleepS` pauses the process for S seconds (to order two processes).
+Points: load, prepass, ask (before each trial is asked for), generate, record, merge. Without the variable, a
+point costs one dictionary lookup.
 """
 
 from __future__ import annotations

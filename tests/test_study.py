@@ -213,8 +213,8 @@ def test_a_worker_killed_mid_trial_is_retried(llama_trio, tmp_path, storage):
     deadline = time.time() + 120  # the main process starts once the worker waits for the study (imports done)
     while time.time() < deadline and "waiting for" not in log.read_text() and worker.poll() is None:
         time.sleep(0.05)
-    # the main process starts the study, then waits 15 s before asking for its first trial: the worker takes one
-    # first, however long the two take to load (else the main process may run them all before the worker asks)
+    # the main process starts the study, then waits 15 s before asking for its first trial, so the worker (its
+    # imports done, waiting) takes one first: else the main process may run all four before the worker asks
     boss = start(recipe, tmp_path / "main", storage, study, "--no-merge", faults="ask:1:sleep15")
     deadline, victim = time.time() + 120, None
     while time.time() < deadline and victim is None and boss.poll() is None:
