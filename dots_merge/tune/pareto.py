@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dots_merge.recipe.tune_section import EXTREME_RULE
+from dots_merge.recipe.tune_section import DEFAULT_PICK, EXTREME_RULE
 
 Point = Sequence[float]
 MAX_MIN = ("maximize", "minimize")  # consistency ↑, perplexity ↓
@@ -108,7 +108,7 @@ def utopia_distances(
 
 def rule_order(
     points: Sequence[Point],
-    rule: str = "utopia",
+    rule: str = DEFAULT_PICK,
     directions: Sequence[str] = MAX_MIN,
     names: Sequence[str] = DEFAULT_NAMES,
     resolution: Sequence[float] | None = None,
@@ -137,7 +137,7 @@ def rule_order(
 
 def pick(
     points: Sequence[Point],
-    rule: str = "utopia",
+    rule: str = DEFAULT_PICK,
     directions: Sequence[str] = MAX_MIN,
     names: Sequence[str] = DEFAULT_NAMES,
     resolution: Sequence[float] | None = None,
