@@ -100,7 +100,7 @@ def _summary(records: list[dict[str, Any]], spec, objectives: list[Objective],
     numbers = [r["number"] for r in records]
     idx = front(points, directions)
     if spec.pick == "validation":
-        order = rule_order(points, DEFAULT_PICK, directions, names, _resolution(records, spec, names))
+        order = rule_order(points, _label_free_rule(spec), directions, names, _resolution(records, spec, names))
         best = max(scored[numbers[i]]["majority"] for i in order)
         chosen = next(i for i in order if scored[numbers[i]]["majority"] == best)  # ties: the label-free order
     else:
@@ -120,6 +120,11 @@ def _summary(records: list[dict[str, Any]], spec, objectives: list[Objective],
 
 def _resolution(records: list[dict[str, Any]], spec, names: list[str]) -> list[float]:
     return resolutions(records, names, spec.generation.samples)
+
+
+def _label_free_rule(spec) -> str:
+    """The rule that orders the front without labels: the recipe's, or the default where `pick: validation`."""
+    return DEFAULT_PICK if spec.pick == "validation" else spec.pick
 
 
 def _pick(records: list[dict[str, Any]], spec, objectives: list[Objective], rule: str) -> int:
@@ -376,7 +381,7 @@ def _run(spec, objectives: list[Objective], store: TrialStore, evaluator: _Evalu
     log.phase(f"trials: {len(store.records())} of {store.budget} finished")
     progress = tqdm.tqdm(total=store.budget, initial=len(store.records()), desc="Tuning", unit="trial", disable=quiet)
     names = [o.name for o in objectives]
-    rule = DEFAULT_PICK if spec.pick == "validation" else spec.pick
+    rule = _label_free_rule(spec)
     checked = False
 
     def show(records: list[dict[str, Any]], last: dict[str, Any]) -> None:
@@ -510,7 +515,7 @@ def _validate(spec, objectives, records, run_dir: Path, evaluator: _Evaluator, *
     directions = [o.direction for o in objectives]
     points = [objective_values(r, objectives) for r in records]
     numbers = [r["number"] for r in records]
-    label_free = DEFAULT_PICK if spec.pick == "validation" else spec.pick
+    label_free = _label_free_rule(spec)
     wanted = set(numbers) if spec.validation.points == "all" else {numbers[i] for i in front(points, directions)}
     wanted.add(numbers[_pick(records, spec, objectives, label_free)])
     scored = load_scored(run_dir, spec.validation)
