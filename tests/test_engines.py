@@ -172,3 +172,20 @@ def test_engine_start_errors_are_one_line(message, words):
 
     error = start_error(ValueError(message), "/models/base", {"VLLM_CPU_KVCACHE_SPACE": "1"})
     assert words in str(error) and "\n" not in str(error)
+
+
+def test_the_vllm_reload_warning_is_dropped_only_for_a_rotary_embedding():
+    """vLLM warns "<layer>: Failed to load weights" each trial for a rotary embedding (a cache, no weights): that
+    one is dropped; the same warning for a layer with weights, and any other message, is kept."""
+    import logging
+
+    from dots_merge.tune.engines.vllm_engine import _buffer_only_layers
+
+    def record(msg: str, *args) -> logging.LogRecord:
+        return logging.LogRecord("vllm.x", logging.WARNING, __file__, 1, msg, args, None)
+
+    assert not _buffer_only_layers(record("%s: Failed to load weights", "RotaryEmbedding"))
+    assert not _buffer_only_layers(record("%s: Failed to load weights", "Llama3RotaryEmbedding"))
+    assert _buffer_only_layers(record("%s: Failed to load weights", "QKVParallelLinear"))
+    assert _buffer_only_layers(record("%s: Delayed processing", "RotaryEmbedding"))
+    assert _buffer_only_layers(record("RotaryEmbedding: Failed to load weights"))

@@ -162,7 +162,8 @@ class ResidentCandidate:
         # A new density means a selection per tensor: on the CPU these run one tensor per core (each on one
         # thread: the selection's numpy steps are single-threaded); the sums are exact, so order does not matter.
         # The first trial builds the store instead, tensor by tensor with every thread.
-        threads = torch.get_num_threads() if self.device.type == "cpu" and self._applied else 1
+        parallel = self.device.type == "cpu" and self._applied and not self.engine.threads_fixed
+        threads = torch.get_num_threads() if parallel else 1
         if threads > 1:
             torch.set_num_threads(1)
             try:

@@ -23,6 +23,9 @@ class Engine(ABC):
     """A model that generates and scores text, and whose weights can be replaced in place."""
 
     name: ClassVar[str]
+    # True when the engine forbids changing torch's thread count (vLLM on the CPU): the update then runs its
+    # per-tensor work on the calling thread instead of one thread per core
+    threads_fixed: bool = False
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer

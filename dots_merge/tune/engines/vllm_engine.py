@@ -92,12 +92,15 @@ class VllmEngine(Engine):
             raise DotsMergeError(f"engine vllm runs on the first visible GPU: set CUDA_VISIBLE_DEVICES={device.index} "
                                  "and use --device cuda")  # fmt: skip
         self.dtype = dtype
+        self.threads_fixed = device.type == "cpu"  # vLLM's CPU worker turns torch.set_num_threads into a warning
         self.stops = sorted(_eos_ids(model_dir, tokenizer, trust_remote_code))
         threads = max(torch.get_num_threads(), 1)
         env = engine_environment(options, cpu=device.type == "cpu", kv_cache_gib=kv_cache_gib, threads=threads,
                                  cache_root=cache_root)  # fmt: skip
         self._saved = {key: os.environ.get(key) for key in env}  # put back by close()
+        self._set_num_threads = torch.set_num_threads  # vLLM's CPU worker replaces it in this process
         os.environ.update(env)
+        _RELOAD_LOG.addFilter(_buffer_only_layers)
         self.llm = None
         try:
             from vllm import LLM
@@ -218,12 +221,27 @@ class VllmEngine(Engine):
                 destroy_distributed_environment()
             del llm
             gc.collect()
+        if hasattr(self, "_set_num_threads"):
+            torch.set_num_threads = self._set_num_threads
+        _RELOAD_LOG.removeFilter(_buffer_only_layers)
         for key, value in getattr(self, "_saved", {}).items():  # the process's environment as it was
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
         self._saved = {}
+
+
+# vLLM's in-place reload warns "<layer>: Failed to load weights" for every layer the checkpoint has no tensor for
+# but that holds buffers — the rotary embedding's cos/sin cache, which it keeps as it was — once per trial.
+_RELOAD_LOG = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+
+
+def _buffer_only_layers(record: logging.LogRecord) -> bool:
+    """Drop the reload's warning for a rotary embedding (no weights, a cache it rebuilds itself); keep the rest."""
+    args = record.args if isinstance(record.args, tuple) else ()
+    failed = record.msg == "%s: Failed to load weights" and len(args) == 1
+    return not (failed and "RotaryEmbedding" in str(args[0]))
 
 
 def start_error(error: BaseException, model_dir, env: Mapping[str, str]) -> DotsMergeError:
