@@ -4,11 +4,11 @@ For each seed: the full demo (`dots-merge demo --seed S`: its trio, label-free q
 consistency and perplexity), then, on the same trials, the picks of `knee` and `utopia`; `validation` with 20
 labeled problems (drawn from the training distribution, never from the pool or the test set; the run is resumed
 with `tune.validation` and `pick: validation`, which scores the front points only); and a second tune that
-replaces consistency by self-certainty (`objectives: [self_certainty, perplexity]`, knee). Every front point
+replaces consistency by self-certainty (`objectives: [self_certainty, perplexity]`, the default pick). Every front point
 of both runs is merged and scored on the demo's held-out test set (greedy, 800 problems); the oracle is the best
 front point. Labels of the test set are read for this table only.
 
-Run by hand (about 6 minutes a seed on 2 CPU cores, most of it the trio's training):
+Run by hand (about 3 minutes a seed on 2 CPU cores, most of it the trio's training):
 
     python benchmarks/pick_rules.py --seeds 0 1 2
 """
@@ -108,7 +108,7 @@ def bench_seed(seed: int, work: Path) -> dict:
         "knee": {"trial": knee, "accuracy": front_acc[knee]},
         "utopia": {"trial": utopia, "accuracy": front_acc[utopia]},
         "validation": {"trial": validated.pick, "accuracy": front_acc[validated.pick]},  # a front point
-        "self_certainty_knee": {"trial": sc.pick, "accuracy": sc_front_acc[sc.pick]},
+        "self_certainty": {"trial": sc.pick, "accuracy": sc_front_acc[sc.pick]},
         "self_certainty_oracle": {"trial": sc_oracle, "accuracy": sc_front_acc[sc_oracle]},
         "validation_spearman": validated.validation["spearman"],
         "held_out_spearman": {
@@ -125,8 +125,8 @@ def table(rows: list[dict]) -> str:
     def pct(v):
         return f"{100 * v:.1f}"
 
-    cols = ["oracle", "knee", "utopia", "validation", "self_certainty_knee"]
-    head = "| seed | oracle (front) | knee | utopia | validation (20 labels) | self-certainty + perplexity, knee |"
+    cols = ["oracle", "knee", "utopia", "validation", "self_certainty"]
+    head = "| seed | oracle (front) | knee | utopia (default) | validation (20 labels) | self-certainty + perplexity |"
     lines = [head, "|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['seed']} | " + " | ".join(f"{pct(r[c]['accuracy'])} (#{r[c]['trial']})" for c in cols) + " |")
