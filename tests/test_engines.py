@@ -41,7 +41,7 @@ def tune_data(trio, tmp_path: Path, **generation) -> dict:
         ({"engine": "vllm", "vllm": {"gpu_memory_utilization": 1.5}}, "gpu_memory_utilization", "(0, 1]"),
         ({"engine": "vllm", "vllm": {"max_model_len": 0}}, "max_model_len", "at least 1"),
         ({"engine": "vllm", "vllm": {"enforce_eager": "yes"}}, "enforce_eager", "true or false"),
-        ({"engine": "vllm", "vllm": {"tensor_parallel_size": 2}}, "tensor_parallel_size", "only 1"),
+        ({"engine": "vllm", "vllm": {"tensor_parallel_size": 0}}, "tensor_parallel_size", "at least 1"),
         ({"engine": "vllm", "vllm": [1]}, "tune.generation.vllm", "mapping"),
         ({"vllm": {"max_model_len": 512}}, "tune.generation.vllm", "engine: vllm"),
     ],
@@ -53,7 +53,8 @@ def test_engine_settings_are_checked_at_load(llama_trio, tmp_path, generation, k
 
 
 def test_vllm_options_are_parsed(llama_trio, tmp_path):
-    options = {"gpu_memory_utilization": 0.8, "max_model_len": 4096, "enforce_eager": False, "cpu_kvcache_space": 2}
+    options = {"gpu_memory_utilization": 0.8, "max_model_len": 4096, "enforce_eager": False, "cpu_kvcache_space": 2,
+               "tensor_parallel_size": 2}
     spec = parse_tune(parse_recipe(tune_data(llama_trio, tmp_path, engine="vllm", vllm=options)))
     assert spec.generation.engine == "vllm"
     assert spec.generation.vllm == VllmOptions(**options)
@@ -125,6 +126,27 @@ def test_a_7b_pair_plans_the_vllm_engine_on_24_gib(shaped, tmp_path):  # noqa: F
     assert not any(p["name"].startswith("generation") for p in data["parts"])
 
 
+def test_tensor_parallelism_plans_a_shard_per_gpu_and_a_store_per_worker(shaped, tmp_path):  # noqa: F811
+    """A 14B pair on two 24 GiB GPUs: each holds half the weights and of the KV cache; each worker process keeps
+    its own vector store (twice one store's bytes in all) and reads the base from the mapped checkpoint."""
+    sizes = {"device": "cuda", "gpu_memory": 24 * GIB, "host_memory": 256 * GIB, "disk_free": 10**12}
+    one = _vllm_plan(shaped["qwen2.5-14b"], tmp_path, **sizes).to_json()
+    recipe = as_recipe(str(shaped["qwen2.5-14b"]))
+    recipe.data["tune"]["generation"].update(engine="vllm", vllm={"tensor_parallel_size": 2})
+    two = plan_tune(recipe, parse_tune(recipe), inspect_models(recipe), run_dir=tmp_path, **sizes).to_json()
+
+    def part(plan, name):
+        return next(p for p in plan["parts"] if p["name"] == name)
+
+    assert part(two, "resident model")["bytes"] * 2 == part(one, "resident model")["bytes"]
+    assert "1/2 shard per GPU" in part(two, "resident model")["note"]
+    store = sum(p["bytes"] for p in one["parts"] if p["name"].startswith("vector store"))
+    assert sum(p["bytes"] for p in two["parts"] if p["name"].startswith("vector store")) == 2 * store
+    assert two["settings"]["base"].startswith("host") and two["fits"], two
+    assert two["settings"]["gpu_memory_utilization"] < 0.95
+    assert any(p["name"].startswith("vLLM engine core and 2 worker") for p in two["parts"])
+
+
 def test_a_cpu_plan_sets_the_vllm_kv_cache_in_whole_gib(llama_trio, tmp_path):
     data = tune_data(llama_trio, tmp_path, engine="vllm")
     plan = _vllm_plan(write_recipe(tmp_path / "r.yml", data), tmp_path, device="cpu", host_memory=16 * GIB,
@@ -156,6 +178,10 @@ def test_the_vllm_environment_keeps_the_users_settings_but_not_the_process_mode(
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "3" and env["OMP_NUM_THREADS"] == "1"
     assert "VLLM_CPU_KVCACHE_SPACE" not in engine_environment(VllmOptions(), cpu=False, kv_cache_gib=2, threads=2,
                                                               cache_root=tmp_path)  # fmt: skip
+    # tensor parallelism: vLLM's own processes (each worker updates itself), the threads shared among workers
+    env = engine_environment(VllmOptions(tensor_parallel_size=2), cpu=True, kv_cache_gib=2, threads=4,
+                             cache_root=tmp_path)  # fmt: skip
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1" and env["OMP_NUM_THREADS"] == "2"
 
 
 @pytest.mark.parametrize(

@@ -112,6 +112,10 @@ def test_a_resumed_store_reuses_the_spill_and_the_end_of_the_run_removes_it(tmp_
     _ask(other, "w", loads)
     assert loads == ["w"]
     (tmp_path / "vectors" / "junk.partial").write_bytes(b"half")
+    worker = VectorStore(torch.device("cpu"), budget=0, spill_dir=tmp_path / "vectors" / "tp1", salt="weights-2")
+    _ask(worker, "w")  # a vLLM worker's spill (tensor parallelism) lies in a folder inside the run's
+    _store(tmp_path, budget=0, salt="weights-2")  # the run's own store adopts its files and leaves that folder
+    assert not (tmp_path / "vectors" / "junk.partial").exists() and list((tmp_path / "vectors" / "tp1").iterdir())
     _store(tmp_path, budget=0, salt="weights-2").close(remove=True)
     assert not (tmp_path / "vectors").exists()
 

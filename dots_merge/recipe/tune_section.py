@@ -333,9 +333,6 @@ def _vllm_options(src: str, raw: Any) -> VllmOptions:
             _fail(src, where, f"must be in (0, 1], got {value}")
         if number < 1 and key != "gpu_memory_utilization":
             _fail(src, where, f"must be at least 1, got {value}")
-    if raw.get("tensor_parallel_size", 1) != 1:
-        _fail(src, "tune.generation.vllm.tensor_parallel_size",
-              "only 1 is supported: each trial's weights go into the engine in this process")  # fmt: skip
     return VllmOptions(**raw)
 
 

@@ -33,6 +33,7 @@ from dots_merge.merge.driver import needs_prepass, output_dtype, plan_tasks, wit
 from dots_merge.merge.method import nonfinite_error, rescale_factor_for
 from dots_merge.recipe import Recipe
 from dots_merge.recipe.tune_section import Generation
+from dots_merge.tune.engines.base import Engine
 from dots_merge.tune.vectors import StoredVector, VectorStore
 
 LOG = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ class ResidentCandidate:
     bottom of each range, sets where the store splits each entry in two tiers (the middle of the range), so a
     new density reads one tier. With `base_on_device`, the
     base's tensors stay on the device between trials (else they are read from the memory-mapped checkpoint).
+    `engine` replaces the one `generation` names (a vLLM worker's own model runner, `engines/vllm_worker.py`); an
+    engine that `computes_candidate` (vLLM under tensor parallelism) gets the recipes and builds this same
+    candidate in each of its workers.
     """
 
     def __init__(
@@ -63,6 +67,7 @@ class ResidentCandidate:
         settings: Mapping[str, Any] | None = None,
         quiet: bool = True,
         trust_remote_code: bool = False,
+        engine: Engine | None = None,
     ):
         from dots_merge.tune.engines import make_engine
         from dots_merge.tune.generation import load_tokenizer
@@ -78,11 +83,22 @@ class ResidentCandidate:
         self.device = torch.device(device)
         base = next(iter(checkpoints.values()))
         self.dtype = dtype_from_name(output_dtype(recipe, checkpoints))
-        if tokenizer is None and base.has_tokenizer:
+        if engine is None and tokenizer is None and base.has_tokenizer:
             tokenizer = load_tokenizer(base.path, trust_remote_code=trust_remote_code)
-        self.engine = make_engine(base.path, tokenizer, generation or Generation(), dtype=self.dtype,
-                                  device=self.device, settings=settings, trust_remote_code=trust_remote_code)  # fmt: skip
+        self.engine = engine or make_engine(base.path, tokenizer, generation or Generation(), dtype=self.dtype,
+                                            device=self.device, settings=settings,
+                                            trust_remote_code=trust_remote_code)  # fmt: skip
         self.vectors = VectorStore(self.device) if vectors is None else vectors
+        if self.engine.computes_candidate:  # vLLM's workers build this same candidate each (tensor parallelism)
+            self.engine.open_candidate({
+                "source": recipe.source, "recipe": recipe.to_yaml(),
+                "ceiling": ceiling.to_yaml() if ceiling is not None else None,
+                "floor": floor.to_yaml() if floor is not None else None,
+                "device": self.device.type, "dtype": str(self.dtype).removeprefix("torch."),
+                "budget": self.vectors.budget, "spill_dir": str(self.vectors.spill_dir or "") or None,
+                "spill_budget": self.vectors.spill_budget, "salt": self.vectors.salt,
+                "base_on_device": base_on_device, "trust_remote_code": trust_remote_code,
+            })  # fmt: skip
         self._ceilings = self._densities(ceiling) if ceiling is not None else {}
         self._floors = self._densities(floor) if floor is not None else {}
         self._base_on_device = base_on_device and self.device.type != "cpu"
@@ -103,6 +119,8 @@ class ResidentCandidate:
     def apply(self, recipe: Recipe) -> tuple[Recipe, float]:
         """Write `recipe`'s merged weights into the model; returns the recipe actually used and seconds."""
         started = time.perf_counter()
+        if self.engine.computes_candidate:
+            return self.engine.apply_recipe(recipe), time.perf_counter() - started
         used = with_output_dtype(recipe, self.checkpoints)
         config, _, _, targets = plan_tasks(used, self.options)
         self.engine.check_names([w.name for w in targets.values()])
@@ -284,6 +302,8 @@ class ResidentCandidate:
     def close(self, *, keep_spill: bool = False) -> None:
         """Release the engine and the vector store (and, unless `keep_spill`, its spill folder)."""
         try:
+            if self.engine.computes_candidate:
+                self.engine.close_candidate(keep_spill=keep_spill)
             self.engine.close()
         finally:
             self.vectors.close(remove=not keep_spill)

@@ -248,14 +248,16 @@ def vllm_step_tokens(sequences: int, prompt_tokens: int) -> int:
 
 
 def vllm_settings(shape: Shape, g: Generation, *, prompt_tokens: int, queries: int, act_bytes: int, share: int,
-                  gpu_total: int | None) -> dict[str, Any]:  # fmt: skip
+                  gpu_total: int | None, workers: int = 1) -> dict[str, Any]:  # fmt: skip
     """The vLLM engine's sizes: the longest sequence, how many are decoded at once (every sample of every query
     when the KV cache for them fits the generation share), its KV cache, and what vLLM is told: on the CPU the
-    KV cache in whole GiB (VLLM_CPU_KVCACHE_SPACE), on a GPU its share of the GPU's memory (weights included)."""
+    KV cache in whole GiB (VLLM_CPU_KVCACHE_SPACE), on a GPU its share of the GPU's memory (weights included);
+    with `workers` (tensor parallelism) both per worker, each holding a shard of the weights and KV heads."""
     options = g.vllm
     length = options.max_model_len or prompt_tokens + g.max_new_tokens
-    per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * act_bytes
-    fit = max(1, share // max(per_token * length, 1))
+    # per worker: tensor parallelism shards the KV heads (each worker of `workers` holds its part)
+    per_token = -(-2 * shape.layers * shape.kv_heads * shape.head_dim * act_bytes // workers)
+    fit = max(1, share // (workers if gpu_total is None else 1) // max(per_token * length, 1))  # host: shared
     sequences = options.max_num_seqs or max(1, min(queries * g.samples, fit))
     kv = per_token * length * sequences
     out: dict[str, Any] = {"max_model_len": length, "max_num_seqs": sequences}
@@ -263,9 +265,9 @@ def vllm_settings(shape: Shape, g: Generation, *, prompt_tokens: int, queries: i
         gib = options.cpu_kvcache_space or max(1, -(-int(kv * 1.1) // GIB))
         budget = vllm_step_tokens(sequences, prompt_tokens)
         prefill = budget * (4 * shape.hidden + 3 * shape.intermediate) * act_bytes
-        out.update(kv_cache_gib=gib, kv_bytes=gib * GIB + prefill, max_num_batched_tokens=budget)
+        out.update(kv_cache_gib=gib, kv_bytes=workers * gib * GIB + prefill, max_num_batched_tokens=budget)
     else:
-        need = shape.model_bytes + kv + VLLM_OVERHEAD
+        need = -(-shape.model_bytes // workers) + kv + VLLM_OVERHEAD  # per GPU
         out.update(kv_bytes=kv, gpu_memory_utilization=options.gpu_memory_utilization
                    or round(min(0.95, need / max(gpu_total, 1) + 0.01), 3))  # fmt: skip
     return out
@@ -314,7 +316,14 @@ def make_plan(
     parts = [Part("runtime (python, torch, libraries)", "host", RUNTIME_CUDA_HOST if gpu else RUNTIME_CPU, "", "all")]
     if gpu:
         parts.append(Part("CUDA context", "gpu", CUDA_CONTEXT, "", "all"))
-    parts.append(Part("resident model", dev, shape.model_bytes, f"{shape.params / 1e9:.2f}B parameters"))
+    # vLLM with tensor parallelism: each GPU holds a shard, and each worker process its own vector store
+    workers = g.vllm.tensor_parallel_size if g.engine == "vllm" else 1
+    if workers > 1:
+        parts.append(Part(f"vLLM engine core and {workers} worker processes", "host",
+                          workers * (RUNTIME_CUDA_HOST if gpu else RUNTIME_CPU), "each a Python runtime", "all"))  # fmt: skip
+    sharded = gpu and workers > 1
+    parts.append(Part("resident model", dev, shape.model_bytes // workers if sharded else shape.model_bytes,
+                      f"{shape.params / 1e9:.2f}B parameters" + (f", a 1/{workers} shard per GPU" if sharded else "")))  # fmt: skip
     update = (4 + out_bytes) * shape.largest  # float32 result + its cast, largest tensor
     build = (4 + loaded) * shape.largest  # τ in float32 + the fine-tune's tensor while an entry is compressed
     tier = largest_tier(ranges or {}, shape.largest)
@@ -326,7 +335,7 @@ def make_plan(
         parts.append(Part("update: cast of the result", dev, out_bytes * shape.largest, "largest tensor", "update"))
     parts.append(Part("update: store build", dev, build, "first trial, largest tensor", "update"))
     parts.append(Part("update: selection of a new density", dev, select, "largest tensor", "update"))
-    store = store_bytes(ranges or {}, base.tensors or {}, loaded)
+    store = store_bytes(ranges or {}, base.tensors or {}, loaded) * workers  # one store per worker
 
     # generation: the batch that fits the device's share
     batch = g.batch_size
@@ -347,7 +356,7 @@ def make_plan(
     if g.engine == "vllm":
         # vLLM's KV cache stays allocated through the update: the update's peak comes out of its share
         update_peak = sum(p.bytes for p in parts if p.where == dev and p.phase == "update")
-        engine.update(vllm_settings(shape, g, prompt_tokens=prompt_tokens, queries=len(spec.queries),
+        engine.update(vllm_settings(shape, g, prompt_tokens=prompt_tokens, queries=len(spec.queries), workers=workers,
                                     act_bytes=out_bytes, share=share - update_peak - VLLM_OVERHEAD,
                                     gpu_total=available["gpu"]))  # fmt: skip
         gen = engine.pop("kv_bytes")
@@ -360,7 +369,7 @@ def make_plan(
     # the base: on the GPU when it fits there besides everything else, else read from the mapped checkpoint
     base_where = "host (memory-mapped checkpoint)"
     base_bytes = sum(t.numel for t in (base.tensors or {}).values() if t.dtype.startswith(("F", "BF"))) * loaded
-    if gpu and needed_bytes(parts, "gpu") + base_bytes <= available["gpu"] * (1 - GPU_MARGIN):
+    if gpu and workers == 1 and needed_bytes(parts, "gpu") + base_bytes <= available["gpu"] * (1 - GPU_MARGIN):
         base_where = "gpu"
     parts.append(Part("base tensors", "gpu" if base_where == "gpu" else "host", base_bytes, base_where))
 

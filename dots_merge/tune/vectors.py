@@ -234,6 +234,8 @@ class VectorStore:
             return
         found = []
         for path in self.spill_dir.iterdir():
+            if path.is_dir():  # a tensor-parallel worker's own spill (tpR/), which that worker adopts
+                continue
             key = None
             if path.suffix == ".safetensors":
                 try:

@@ -26,6 +26,9 @@ class Engine(ABC):
     # True when the engine forbids changing torch's thread count (vLLM on the CPU): the update then runs its
     # per-tensor work on the calling thread instead of one thread per core
     threads_fixed: bool = False
+    # True when the engine computes each candidate itself from the recipe (vLLM's workers under tensor
+    # parallelism): the resident candidate then calls open_candidate / apply_recipe / close_candidate, not write
+    computes_candidate: bool = False
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -59,6 +62,18 @@ class Engine(ABC):
     @abstractmethod
     def query_nll(self, queries: Sequence[str], *, batch_size: int = 8, over: str = "query") -> list[float]:
         """Mean token NLL of each query as a user turn, over the tokens `generation.scored_prompt` scores."""
+
+    def open_candidate(self, spec: dict) -> None:
+        """(computes_candidate) What the engine needs to build the candidate: recipe, density range, store."""
+        raise NotImplementedError(f"engine {self.name} takes weights, not recipes")
+
+    def apply_recipe(self, recipe):
+        """(computes_candidate) Hold the weights of `recipe`; returns the recipe actually used."""
+        raise NotImplementedError(f"engine {self.name} takes weights, not recipes")
+
+    def close_candidate(self, *, keep_spill: bool = False) -> None:
+        """(computes_candidate) Release what open_candidate built."""
+        raise NotImplementedError(f"engine {self.name} takes weights, not recipes")
 
     def close(self) -> None:  # noqa: B027 - nothing to release by default
         """Release the engine (processes, device memory)."""

