@@ -179,6 +179,7 @@ def test_the_vllm_environment_keeps_the_users_settings_but_not_the_process_mode(
     assert "VLLM_CPU_KVCACHE_SPACE" not in engine_environment(VllmOptions(), cpu=False, kv_cache_gib=2, threads=2,
                                                               cache_root=tmp_path)  # fmt: skip
     # tensor parallelism: vLLM's own processes (each worker updates itself), the threads shared among workers
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # (pytest-xdist sets it for its workers)
     env = engine_environment(VllmOptions(tensor_parallel_size=2), cpu=True, kv_cache_gib=2, threads=4,
                              cache_root=tmp_path)  # fmt: skip
     assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1" and env["OMP_NUM_THREADS"] == "2"
@@ -215,3 +216,13 @@ def test_the_vllm_reload_warning_is_dropped_only_for_a_rotary_embedding():
     assert _buffer_only_layers(record("%s: Failed to load weights", "QKVParallelLinear"))
     assert _buffer_only_layers(record("%s: Delayed processing", "RotaryEmbedding"))
     assert _buffer_only_layers(record("RotaryEmbedding: Failed to load weights"))
+
+
+def test_a_vllm_workers_error_is_read_out_of_vllms_wrapping():
+    from dots_merge.tune.engines.vllm_engine import worker_error
+
+    wrapped = RuntimeError("Worker failed with error 'r.yml: model /m/sft not found\nmore', please check the stack "
+                           "trace above for the root cause")  # fmt: skip
+    assert worker_error(wrapped) == "r.yml: model /m/sft not found"
+    assert worker_error(ValueError("plain\nsecond line")) == "plain"
+    assert worker_error(TimeoutError()) == "TimeoutError"

@@ -168,6 +168,7 @@ def test_tensor_parallel_workers_hold_exactly_the_merged_model(trio, tmp_path):
     import psutil
 
     from dots_merge.cli.main import main
+    from dots_merge.errors import DotsMergeError
     from dots_merge.recipe import load_recipe, trial_recipe
     from dots_merge.recipe.tune_section import parse_tune
     from dots_merge.tune.engines.vllm_engine import VllmEngine
@@ -188,6 +189,11 @@ def test_tensor_parallel_workers_hold_exactly_the_merged_model(trio, tmp_path):
         trial = trial_recipe(recipe, spec.space, [1.8, 0.15])
         used, _ = candidate.apply(trial)
         updated_lp, updated_tokens = token_logprobs(engine, ids), greedy(engine, QUERIES)
+        broken = trial.copy()
+        broken.data["models"][1]["model"] = str(tmp_path / "missing")
+        with pytest.raises(DotsMergeError, match=r"a vLLM worker could not put .*missing") as error:
+            candidate.apply(broken)  # the workers' error, as one line
+        assert "\n" not in str(error.value)
     finally:
         candidate.close()
     time.sleep(1)

@@ -23,6 +23,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -176,7 +177,11 @@ class VllmEngine(Engine):
         workers' own, which must agree)."""
         from dots_merge.recipe import parse_recipe
 
-        used = self.llm.collective_rpc("dots_apply", args=(recipe.to_yaml(),))
+        try:
+            used = self.llm.collective_rpc("dots_apply", args=(recipe.to_yaml(),))
+        except Exception as error:  # the worker's own error comes back inside vLLM's RuntimeError, as text
+            raise DotsMergeError(f"a vLLM worker could not put the candidate of {recipe.source} in place: "
+                                 f"{worker_error(error)}") from None  # fmt: skip
         if any(text != used[0] for text in used[1:]):
             raise DotsMergeError("vLLM's workers computed different candidates for one recipe")
         self._reset_prefix_cache()
@@ -292,6 +297,13 @@ def _buffer_only_layers(record: logging.LogRecord) -> bool:
     args = record.args if isinstance(record.args, tuple) else ()
     failed = record.msg == "%s: Failed to load weights" and len(args) == 1
     return not (failed and "RotaryEmbedding" in str(args[0]))
+
+
+def worker_error(error: BaseException) -> str:
+    """What a vLLM worker raised, from the error `collective_rpc` gives back ("Worker failed with error '…'")."""
+    text = str(error).strip() or type(error).__name__
+    match = re.search(r"Worker failed with error '(.*)', please check", text, re.DOTALL)
+    return (match.group(1) if match else text).strip().splitlines()[0][:500]
 
 
 def start_error(error: BaseException, model_dir, env: Mapping[str, str]) -> DotsMergeError:
