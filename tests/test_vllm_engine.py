@@ -109,14 +109,25 @@ def greedy(engine, prompts: list[str]) -> list[tuple[int, ...]]:
                                               seed=0)]  # fmt: skip
 
 
+def merged_engine(trial, trio, tmp_path: Path, options):
+    """A fresh vLLM engine on the output of `dots-merge merge` for the trial's recipe."""
+    from dots_merge.cli.main import main
+    from dots_merge.tune.engines.vllm_engine import VllmEngine
+    from dots_merge.tune.generation import load_tokenizer
+
+    (tmp_path / "trial.yml").write_text(trial.to_yaml(include_tune=False))
+    assert main(["merge", str(tmp_path / "trial.yml"), str(tmp_path / "merged"), "--device", "cpu", "--quiet"]) == 0
+    return VllmEngine(tmp_path / "merged", load_tokenizer(trio["base"]), dtype=torch.float32,
+                      device=torch.device("cpu"), options=options, max_model_len=256, max_num_seqs=64,
+                      cache_root=tmp_path / "vllm-cache")  # fmt: skip
+
+
 def test_an_in_place_update_holds_exactly_the_merged_model(trio, tmp_path):
     """After updates (prefix cache warm with the old weights, prompts over 128 tokens), the engine's greedy tokens
     and prompt logprobs equal those of a fresh engine loaded from `dots-merge merge trials/NNNN.yml`'s output."""
-    from dots_merge.cli.main import main
     from dots_merge.recipe import load_recipe, trial_recipe
     from dots_merge.recipe.tune_section import parse_tune
-    from dots_merge.tune.engines.vllm_engine import VllmEngine
-    from dots_merge.tune.generation import chat_prompt, load_tokenizer
+    from dots_merge.tune.generation import chat_prompt
 
     recipe = load_recipe(write_recipe(tmp_path / "r.yml", tune_data(trio, tmp_path)))
     spec = parse_tune(recipe)
@@ -145,11 +156,7 @@ def test_an_in_place_update_holds_exactly_the_merged_model(trio, tmp_path):
     assert torch.set_num_threads is set_num_threads
     assert max(abs(a - b) for a, b in zip(before, updated_lp, strict=True)) > 1e-3  # the update changed the model
 
-    (tmp_path / "trial.yml").write_text(trial.to_yaml(include_tune=False))
-    assert main(["merge", str(tmp_path / "trial.yml"), str(tmp_path / "merged"), "--device", "cpu", "--quiet"]) == 0
-    fresh = VllmEngine(tmp_path / "merged", load_tokenizer(trio["base"]), dtype=torch.float32,
-                       device=torch.device("cpu"), options=spec.generation.vllm, max_model_len=256, max_num_seqs=64,
-                       cache_root=tmp_path / "vllm-cache")  # fmt: skip
+    fresh = merged_engine(trial, trio, tmp_path, spec.generation.vllm)
     try:
         fresh_lp, fresh_tokens = token_logprobs(fresh, long_ids), greedy(fresh, QUERIES)
         fresh_next = continuation(fresh, long_ids)
@@ -167,12 +174,10 @@ def test_tensor_parallel_workers_hold_exactly_the_merged_model(trio, tmp_path):
     process it started."""
     import psutil
 
-    from dots_merge.cli.main import main
     from dots_merge.errors import DotsMergeError
     from dots_merge.recipe import load_recipe, trial_recipe
     from dots_merge.recipe.tune_section import parse_tune
-    from dots_merge.tune.engines.vllm_engine import VllmEngine
-    from dots_merge.tune.generation import chat_prompt, load_tokenizer
+    from dots_merge.tune.generation import chat_prompt
 
     data = tune_data(trio, tmp_path)
     data["tune"]["generation"]["vllm"]["tensor_parallel_size"] = 2
@@ -203,11 +208,7 @@ def test_tensor_parallel_workers_hold_exactly_the_merged_model(trio, tmp_path):
     assert max(abs(a - b) for a, b in zip(base_lp, updated_lp, strict=True)) > 1e-3
     assert used.data["models"][0]["parameters"]["rescale_factor"] > 1  # the workers' global factors, written in
 
-    (tmp_path / "trial.yml").write_text(trial.to_yaml(include_tune=False))
-    assert main(["merge", str(tmp_path / "trial.yml"), str(tmp_path / "merged"), "--device", "cpu", "--quiet"]) == 0
-    fresh = VllmEngine(tmp_path / "merged", load_tokenizer(trio["base"]), dtype=torch.float32,
-                       device=torch.device("cpu"), options=spec.generation.vllm, max_model_len=256, max_num_seqs=64,
-                       cache_root=tmp_path / "vllm-cache")  # fmt: skip
+    fresh = merged_engine(trial, trio, tmp_path, spec.generation.vllm)
     try:
         fresh_lp, fresh_tokens = token_logprobs(fresh, ids), greedy(fresh, QUERIES)
     finally:
