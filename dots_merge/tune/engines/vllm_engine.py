@@ -154,14 +154,8 @@ class VllmEngine(Engine):
         if self.computes_candidate:
             raise DotsMergeError("under tensor parallelism vLLM's workers compute the candidate: use apply_recipe")
 
-        def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-            for name, tensor, dtype in weights:
-                if tensor.is_floating_point():  # a copy: the arithmetic reuses its buffer for the next tensor
-                    tensor = tensor.to(dtype or self.dtype, copy=True)
-                yield name, tensor
-
         def reload(worker) -> None:
-            worker.model_runner.reload_weights(weights_iterator=tensors())
+            worker.model_runner.reload_weights(weights_iterator=cast_copies(weights, self.dtype))
 
         self.llm.collective_rpc(reload)
         self._reset_prefix_cache()
@@ -277,6 +271,15 @@ class VllmEngine(Engine):
             else:
                 os.environ[key] = value
         self._saved = {}
+
+
+def cast_copies(weights: Weights, default: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for vLLM's loaders: each floating-point tensor cast to the dtype the merge writes it in (or
+    `default`) as a copy — the arithmetic reuses its buffer for the next tensor."""
+    for name, tensor, dtype in weights:
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype or default, copy=True)
+        yield name, tensor
 
 
 # vLLM's in-place reload warns "<layer>: Failed to load weights" for every layer the checkpoint has no tensor for

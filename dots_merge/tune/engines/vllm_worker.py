@@ -12,7 +12,7 @@ of workers, spilling (when it spills) to its own folder.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import yaml
 
 from dots_merge.errors import DotsMergeError
 from dots_merge.tune.engines.base import Engine, Weights
+from dots_merge.tune.engines.vllm_engine import cast_copies, quiet_reload_log
 
 
 class WorkerReload(Engine):
@@ -33,13 +34,7 @@ class WorkerReload(Engine):
         self.worker, self.dtype = worker, dtype
 
     def write(self, weights: Weights) -> None:
-        def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-            for name, tensor, dtype in weights:
-                if tensor.is_floating_point():  # a copy: the arithmetic reuses its buffer for the next tensor
-                    tensor = tensor.to(dtype or self.dtype, copy=True)
-                yield name, tensor
-
-        self.worker.model_runner.reload_weights(weights_iterator=tensors())
+        self.worker.model_runner.reload_weights(weights_iterator=cast_copies(weights, self.dtype))
 
     def generate(self, prompts: Sequence[str], **kwargs):
         raise DotsMergeError("a vLLM worker's candidate does not generate: the engine does")
@@ -54,8 +49,6 @@ class CandidateWorker:
     def dots_open(self, spec: dict[str, Any]) -> None:
         """Remember the run's recipe, its density range and store settings; the candidate is built at the first
         update (so a worker that never updates reads nothing)."""
-        from dots_merge.tune.engines.vllm_engine import quiet_reload_log
-
         self._dots_spec = spec
         self._dots_candidate = None
         quiet_reload_log()  # this worker's process reloads the weights: the same spurious warning as in one
