@@ -99,8 +99,9 @@ class ResidentCandidate:
                 "spill_budget": self.vectors.spill_budget, "salt": self.vectors.salt,
                 "base_on_device": base_on_device, "trust_remote_code": trust_remote_code,
             })  # fmt: skip
-        self._ceilings = self._densities(ceiling) if ceiling is not None else {}
-        self._floors = self._densities(floor) if floor is not None else {}
+        local = not self.engine.computes_candidate  # else the workers plan the density ranges, not this process
+        self._ceilings = self._densities(ceiling) if ceiling is not None and local else {}
+        self._floors = self._densities(floor) if floor is not None and local else {}
         self._base_on_device = base_on_device and self.device.type != "cpu"
         self._resident: dict[str, torch.Tensor] = {}
         self._out: torch.Tensor | None = None

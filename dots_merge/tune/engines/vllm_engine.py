@@ -169,8 +169,6 @@ class VllmEngine(Engine):
     def apply_recipe(self, recipe):
         """Every worker computes the recipe's weights and reloads its shard; returns the recipe used (the
         workers' own, which must agree)."""
-        from dots_merge.recipe import parse_recipe
-
         try:
             used = self.llm.collective_rpc("dots_apply", args=(recipe.to_yaml(),))
         except Exception as error:  # the worker's own error comes back inside vLLM's RuntimeError, as text
@@ -179,7 +177,7 @@ class VllmEngine(Engine):
         if any(text != used[0] for text in used[1:]):
             raise DotsMergeError("vLLM's workers computed different candidates for one recipe")
         self._reset_prefix_cache()
-        return parse_recipe(yaml.safe_load(used[0]), source=recipe.source)
+        return recipe_from_yaml(used[0], recipe.source)
 
     def close_candidate(self, *, keep_spill: bool = False) -> None:
         if self.llm is not None:
@@ -271,6 +269,13 @@ class VllmEngine(Engine):
             else:
                 os.environ[key] = value
         self._saved = {}
+
+
+def recipe_from_yaml(text: str, source: str):
+    """A recipe sent between the engine and its workers as YAML, validated as a loaded one is."""
+    from dots_merge.recipe import parse_recipe
+
+    return parse_recipe(yaml.safe_load(text), source=source)
 
 
 def cast_copies(weights: Weights, default: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from dots_merge.errors import DotsMergeError
 from dots_merge.tune.engines.base import Engine, Weights
-from dots_merge.tune.engines.vllm_engine import cast_copies, quiet_reload_log
+from dots_merge.tune.engines.vllm_engine import cast_copies, quiet_reload_log, recipe_from_yaml
 
 
 class WorkerReload(Engine):
@@ -57,7 +56,7 @@ class CandidateWorker:
         """Put the weights of the recipe (YAML) into this worker's model; returns the recipe actually used (with
         the global rescale factors written in), as YAML."""
         candidate = self._dots_candidate or self._dots_build()
-        used, _ = candidate.apply(_recipe(recipe_text, self._dots_spec["source"]))
+        used, _ = candidate.apply(recipe_from_yaml(recipe_text, self._dots_spec["source"]))
         return used.to_yaml()
 
     def dots_close(self, keep_spill: bool = False) -> None:
@@ -73,7 +72,7 @@ class CandidateWorker:
 
         spec = self._dots_spec
         source = spec["source"]
-        recipe = _recipe(spec["recipe"], source)
+        recipe = recipe_from_yaml(spec["recipe"], source)
         device = torch.device("cuda", torch.cuda.current_device()) if spec["device"] == "cuda" else torch.device("cpu")
         rank = int(getattr(self, "rank", 0))
         spill = Path(spec["spill_dir"]) / f"tp{rank}" if spec.get("spill_dir") else None
@@ -84,16 +83,10 @@ class CandidateWorker:
             inspect_models(recipe),
             device=str(device),
             vectors=vectors,
-            ceiling=_recipe(spec["ceiling"], source) if spec.get("ceiling") else None,
-            floor=_recipe(spec["floor"], source) if spec.get("floor") else None,
+            ceiling=recipe_from_yaml(spec["ceiling"], source) if spec.get("ceiling") else None,
+            floor=recipe_from_yaml(spec["floor"], source) if spec.get("floor") else None,
             base_on_device=bool(spec.get("base_on_device")),
             engine=WorkerReload(self, getattr(torch, spec["dtype"])),
             trust_remote_code=bool(spec.get("trust_remote_code")),
         )
         return self._dots_candidate
-
-
-def _recipe(text: str, source: str):
-    from dots_merge.recipe import parse_recipe
-
-    return parse_recipe(yaml.safe_load(text), source=source)
