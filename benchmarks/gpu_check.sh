@@ -62,7 +62,7 @@ if $PY -c "import vllm" 2>/dev/null; then
     --json "$WORK/plan-vllm.json"
   sample_gpu tune-vllm /usr/bin/time -v -o "$WORK/tune-vllm.time" $PY -m dots_merge.cli.main tune "$WORK/recipe.yml" \
     --out "$WORK/run-vllm" --device cuda --engine vllm --no-merge --quiet
-  $PY benchmarks/engine_bench.py --work "$WORK" --device cuda --dtypes bfloat16 --trials 2 | tee "$WORK/engine_bench.txt"
+  $PY benchmarks/engine_bench.py --work "$WORK" --device cuda --dtypes bfloat16 --engines transformers vllm --trials 2 | tee "$WORK/engine_bench.txt"
 fi
 
 $PY - "$WORK" <<'EOF'
