@@ -9,8 +9,10 @@
 #   1. dots-merge plan --device cuda --json            the planned GPU / host / disk figures;
 #   2. dots-merge merge --device cuda                  timed, peak GPU memory by nvidia-smi sampling;
 #   3. dots-merge tune --device cuda, 6 trials          both densities searched, 4 queries × 4 samples × 64 tokens;
-#   4. with vLLM installed: the same tune with --engine vllm, and benchmarks/engine_bench.py --device cuda (bf16);
-# and writes planned vs measured. Exit status ≠ 0 when a step fails or the measured peak exceeds the plan.
+#   4. with vLLM installed: the same tune with --engine vllm, benchmarks/engine_bench.py --device cuda (bf16), and
+#      the in-place update's exactness tests on CUDA (eager, and compiled with CUDA graphs: vLLM's GPU default);
+# and writes planned vs measured. Exit status ≠ 0 when a step fails, the measured peak exceeds the plan, or an
+# exactness test fails.
 set -euo pipefail
 WORK=${1:-/tmp/gpu_check}
 mkdir -p "$WORK"
@@ -63,6 +65,8 @@ if $PY -c "import vllm" 2>/dev/null; then
   sample_gpu tune-vllm /usr/bin/time -v -o "$WORK/tune-vllm.time" $PY -m dots_merge.cli.main tune "$WORK/recipe.yml" \
     --out "$WORK/run-vllm" --device cuda --engine vllm --no-merge --quiet
   $PY benchmarks/engine_bench.py --work "$WORK" --device cuda --dtypes bfloat16 --engines transformers vllm --trials 2 | tee "$WORK/engine_bench.txt"
+  DOTS_MERGE_TEST_DEVICE=cuda DOTS_MERGE_REQUIRE_VLLM=1 $PY -m pytest -q -m vllm tests/test_vllm_engine.py \
+    -k in_place 2>&1 | tee "$WORK/vllm_exact.txt" || true  # its verdict goes into gpu_check.json
 fi
 
 $PY - "$WORK" <<'EOF'
@@ -84,8 +88,10 @@ if (work / "tune-vllm.smi").exists():
     vllm_records = [json.loads(l) for l in (work / "run-vllm" / "trials.jsonl").read_text().splitlines() if l.strip()]
     out["vllm"] = {"planned_gpu": vllm_plan["gpu"]["needed"], "tune_peak_gpu": mib("tune-vllm.smi") - idle,
                    "settings": {k: vllm_plan["settings"].get(k) for k in ("gpu_memory_utilization", "max_num_seqs")},
-                   "seconds": [r["seconds"] for r in vllm_records]}
+                   "seconds": [r["seconds"] for r in vllm_records],
+                   "exactness_tests": (work / "vllm_exact.txt").read_text().strip().splitlines()[-1]}
 (work / "gpu_check.json").write_text(json.dumps(out, indent=2))
 print(json.dumps(out, indent=2))
-sys.exit(0 if out["tune_peak_gpu"] <= out["planned_gpu"] and not out["spill_left"] else 1)
+exact = "vllm" not in out or re.fullmatch(r"=* ?2 passed.*", out["vllm"]["exactness_tests"]) is not None
+sys.exit(0 if out["tune_peak_gpu"] <= out["planned_gpu"] and not out["spill_left"] and exact else 1)
 EOF

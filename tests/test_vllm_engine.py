@@ -2,7 +2,8 @@
 candidate, the same objectives as the transformers engine, a whole tune, and shutdown on SIGTERM.
 
 These tests need vLLM (`.venv-vllm`, made by `.ci/run`); without it they skip, unless DOTS_MERGE_REQUIRE_VLLM=1
-(set by CI), where they fail.
+(set by CI), where they fail. The exactness tests run on DOTS_MERGE_TEST_DEVICE (default cpu; `cuda` in
+benchmarks/gpu_check.sh, with vLLM's GPU build: there `compiled` is torch.compile with CUDA graphs).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ if importlib.util.find_spec("vllm") is None:
                 allow_module_level=True)  # fmt: skip
 
 QUERIES = [f"{a} + {b}" for a in range(4) for b in range(4)]
+DEVICE = os.environ.get("DOTS_MERGE_TEST_DEVICE", "cpu")
 LONG = " ".join(["1 + 2 * 3 - 4"] * 22)  # > 128 tokens: spans several KV blocks that a prefix cache would reuse
 
 
@@ -69,7 +71,7 @@ def candidate_for(recipe, engine: str, settings: dict | None = None):
 
     spec = parse_tune(recipe)
     generation = spec.generation if engine == "vllm" else Generation()
-    return ResidentCandidate(recipe, inspect_models(recipe), ceiling=ceiling_recipe(recipe, spec),
+    return ResidentCandidate(recipe, inspect_models(recipe), ceiling=ceiling_recipe(recipe, spec), device=DEVICE,
                              generation=generation, settings=settings or {"max_model_len": 256, "max_num_seqs": 64})  # fmt: skip
 
 
@@ -117,9 +119,9 @@ def merged_engine(trial, trio, tmp_path: Path, options):
     from dots_merge.tune.generation import load_tokenizer
 
     (tmp_path / "trial.yml").write_text(trial.to_yaml(include_tune=False))
-    assert main(["merge", str(tmp_path / "trial.yml"), str(tmp_path / "merged"), "--device", "cpu", "--quiet"]) == 0
+    assert main(["merge", str(tmp_path / "trial.yml"), str(tmp_path / "merged"), "--device", DEVICE, "--quiet"]) == 0
     return VllmEngine(tmp_path / "merged", load_tokenizer(trio["base"]), dtype=torch.float32,
-                      device=torch.device("cpu"), options=options, max_model_len=256, max_num_seqs=64,
+                      device=torch.device(DEVICE), options=options, max_model_len=256, max_num_seqs=64,
                       cache_root=tmp_path / "vllm-cache")  # fmt: skip
 
 
@@ -186,6 +188,8 @@ def test_tensor_parallel_workers_hold_exactly_the_merged_model(trio, tmp_path):
     from dots_merge.recipe.tune_section import parse_tune
     from dots_merge.tune.generation import chat_prompt
 
+    if DEVICE == "cuda" and torch.cuda.device_count() < 2:
+        pytest.skip("tensor parallelism on CUDA needs two GPUs")
     data = tune_data(trio, tmp_path)
     data["tune"]["generation"]["vllm"]["tensor_parallel_size"] = 2
     recipe = load_recipe(write_recipe(tmp_path / "r.yml", data))
