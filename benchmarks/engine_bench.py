@@ -206,5 +206,6 @@ def table(results: list[dict]) -> str:
                      f"{fresh} | {share} |")  # fmt: skip
     return "\n" + "\n".join(lines)
 
+
 if __name__ == "__main__":
     main()
